@@ -1,0 +1,302 @@
+"""Open an EMO checkpoint anywhere fsspec reaches, reading only `config.json`, the shard index and
+the safetensors headers; tensors are read later by byte range, on demand.
+
+Locations: a local directory, `file://`, `http(s)://`, `hf://org/name` (HfFileSystem),
+`memory://` (tests), or a bare Hub id `org/name` (read as `hf://org/name`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from fsspec.core import url_to_fs
+from tqdm.auto import tqdm
+
+from .config import EmoConfig
+from .errors import CheckpointError, ConfigError
+from .safetensors_format import TensorInfo, header_length, parse_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+SPECULATIVE_HEADER_BYTES = 100_000
+MAX_READ_CHUNK = 64 * 1024 * 1024
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_location(location: str | os.PathLike[str]) -> str:
+    """A URL fsspec understands: local paths stay paths, a bare `org/name` becomes `hf://`."""
+    loc = os.fspath(location)
+    if "://" in loc:
+        return loc
+    if os.path.exists(loc):
+        return os.path.abspath(loc)
+    if _HUB_ID.match(loc):
+        return f"hf://{loc}"
+    return loc
+
+
+@dataclass(frozen=True)
+class ReadStats:
+    """Bytes and requests spent on tensor data (headers are counted in `Checkpoint.header_bytes`)."""
+
+    bytes_read: int = 0
+    requests: int = 0
+
+
+class Checkpoint:
+    """An EMO checkpoint's config and tensor table; tensor data is fetched by byte range."""
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        self.location = resolve_location(location)
+        try:
+            self.fs, self.root = url_to_fs(self.location)
+        except (ImportError, ValueError) as exc:
+            raise CheckpointError(f"{self.location}: cannot open ({exc})") from None
+        self.root = self.root.rstrip("/")
+        self.header_bytes = 0
+        self.stats = ReadStats()
+        self.raw_config: dict[str, Any] = self._read_json(CONFIG_FILE)
+        self.config = EmoConfig.from_dict(self.raw_config, source=self._where(CONFIG_FILE))
+        self.tensors: dict[str, TensorInfo] = self._read_tensor_table()
+        self._check_tensor_names()
+
+    # -- files ---------------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.root else name
+
+    def _where(self, name: str) -> str:
+        return f"{self.location.rstrip('/')}/{name}"
+
+    def exists(self, name: str) -> bool:
+        try:
+            return bool(self.fs.exists(self.path(name)))
+        except OSError:
+            return False
+
+    def read_file(self, name: str) -> bytes:
+        """A whole small file of the checkpoint (config, tokenizer)."""
+        try:
+            return bytes(self.fs.cat_file(self.path(name)))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self._where(name)}: file not found") from None
+        except OSError as exc:
+            raise CheckpointError(f"{self._where(name)}: cannot read ({exc})") from None
+
+    def _read_json(self, name: str) -> dict[str, Any]:
+        raw = self.read_file(name)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise (ConfigError if name == CONFIG_FILE else CheckpointError)(
+                f"{self._where(name)}: not valid JSON ({exc})"
+            ) from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{self._where(name)}: expected a JSON object")
+        return data
+
+    # -- headers -------------------------------------------------------------------------------
+    def _read_tensor_table(self) -> dict[str, TensorInfo]:
+        if self.exists(INDEX_FILE):
+            index = self._read_json(INDEX_FILE)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{self._where(INDEX_FILE)}: missing or empty 'weight_map'")
+            shards = sorted(set(weight_map.values()))
+        elif self.exists(SINGLE_FILE):
+            weight_map, shards = None, [SINGLE_FILE]
+        else:
+            self._refuse_unsafe_weights()
+            raise CheckpointError(
+                f"{self.location}: no {INDEX_FILE} or {SINGLE_FILE} (missing checkpoint?)"
+            )
+        table: dict[str, TensorInfo] = {}
+        for shard in shards:
+            if "/" in shard or shard.startswith(".") or not shard.endswith(".safetensors"):
+                raise CheckpointError(f"{self._where(INDEX_FILE)}: invalid shard name {shard!r}")
+            for name, info in self._read_header(shard).items():
+                if weight_map is None or weight_map.get(name) == shard:
+                    table[name] = info
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in table:
+                    raise CheckpointError(
+                        f"{self._where(INDEX_FILE)}: tensor {name!r} is mapped to {shard}, "
+                        f"whose header does not contain it"
+                    )
+        return table
+
+    def _refuse_unsafe_weights(self) -> None:
+        try:
+            names = [os.path.basename(p) for p in self.fs.ls(self.root, detail=False)]
+        except (OSError, NotImplementedError):
+            return
+        unsafe = [n for n in names if n.endswith(UNSAFE_WEIGHT_SUFFIXES)]
+        if unsafe:
+            raise CheckpointError(
+                f"{self.location}: only pickle-based weights ({', '.join(sorted(unsafe)[:3])}); "
+                "emo-serve reads safetensors only, since pickle files can run code"
+            )
+
+    def _read_header(self, shard: str) -> dict[str, TensorInfo]:
+        where, path = self._where(shard), self.path(shard)
+        try:
+            size = int(self.fs.size(path))
+            first = bytes(self.fs.cat_file(path, start=0, end=min(size, SPECULATIVE_HEADER_BYTES)))
+            n = header_length(first, source=where)
+            if 8 + n > size:
+                raise CheckpointError(f"{where}: header of {n} bytes runs past the end of the file")
+            if 8 + n > len(first):
+                first += bytes(self.fs.cat_file(path, start=len(first), end=8 + n))
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}: shard file not found") from None
+        except OSError as exc:
+            raise CheckpointError(f"{where}: cannot read ({exc})") from None
+        self.header_bytes += len(first)
+        return parse_header(first[8 : 8 + n], shard=where, file_size=size)
+
+    def _check_tensor_names(self) -> None:
+        missing = [n for n in self.expected_tensor_names() if n not in self.tensors]
+        if missing:
+            raise CheckpointError(
+                f"{self.location}: {len(missing)} tensors the config requires are missing, "
+                f"first {missing[0]!r}"
+            )
+
+    # -- the EMO schema ------------------------------------------------------------------------
+    def expected_tensor_names(self) -> list[str]:
+        """Every tensor name the config implies, in model order."""
+        cfg = self.config
+        names = ["model.embed_tokens.weight"]
+        for i in range(cfg.num_hidden_layers):
+            names += layer_tensor_names(cfg, i)
+        names.append("model.norm.weight")
+        if not cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        return names
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the config's model-defining keys and the tensor table (names, dtypes, shapes).
+
+        A subset manifest records it so it can't silently be applied to another checkpoint.
+        """
+        cfg = {k: v for k, v in self.raw_config.items() if k not in _NON_MODEL_KEYS}
+        table = {n: [t.dtype, list(t.shape)] for n, t in sorted(self.tensors.items())}
+        blob = json.dumps({"config": cfg, "tensors": table}, sort_keys=True).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    # -- tensor data ---------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        return next(iter(self.read_many([name])))[1]
+
+    def read_many(self, names: Iterable[str], *, progress: str | None = None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(name, tensor)` for `names`, in shard/offset order (see `read_infos`)."""
+        infos = []
+        for name in names:
+            if name not in self.tensors:
+                raise CheckpointError(f"{self.location}: no tensor named {name!r}")
+            infos.append(self.tensors[name])
+        yield from self.read_infos(infos, progress=progress)
+
+    def read_infos(self, infos: Iterable[TensorInfo], *, progress: str | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(info.name, tensor)` for byte ranges of this checkpoint, in shard/offset order,
+        reading adjacent ranges with one request (chunks up to 64 MiB) and never touching a
+        shard that holds none of them. Tensors are views of the chunk just read (no copy)."""
+        chunks = coalesce(infos)
+        bar = tqdm(total=sum(i.nbytes for c in chunks for i in c), unit="B", unit_scale=True,
+                   desc=progress, disable=progress is None, leave=False)
+        with bar:
+            for chunk in chunks:
+                data = self._read_range(chunk[0].shard, chunk[0].start, chunk[-1].end)
+                for info in chunk:
+                    yield info.name, _tensor_view(data, info, info.start - chunk[0].start)
+                bar.update(len(data))
+
+    def _read_range(self, shard_where: str, start: int, end: int) -> bytearray:
+        shard = shard_where.rsplit("/", 1)[-1]
+        try:
+            data = bytearray(self.fs.cat_file(self.path(shard), start=start, end=end))
+        except FileNotFoundError:
+            raise CheckpointError(f"{shard_where}: shard file not found") from None
+        except OSError as exc:
+            raise CheckpointError(f"{shard_where}: read of bytes {start}..{end} failed ({exc})") from None
+        if len(data) != end - start:
+            raise CheckpointError(
+                f"{shard_where}: read {len(data)} bytes at {start}, expected {end - start} "
+                "(file truncated or changed since its header was read)"
+            )
+        self.stats = ReadStats(self.stats.bytes_read + len(data), self.stats.requests + 1)
+        return data
+
+
+_NON_MODEL_KEYS = {"auto_map", "transformers_version", "_name_or_path", "emo_subset",
+                   "architectures", "torch_dtype"}
+
+
+def layer_tensor_names(cfg: EmoConfig, layer: int) -> list[str]:
+    """Tensor names of decoder layer `layer` (attention, norms, router, experts or dense MLP)."""
+    p = f"model.layers.{layer}"
+    names = [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
+    if cfg.attention_bias:
+        names += [f"{p}.self_attn.{x}_proj.bias" for x in "qkvo"]
+    names += [f"{p}.pre_attention_layernorm.weight", f"{p}.pre_feedforward_layernorm.weight"]
+    count = cfg.experts_per_layer[layer]
+    if count == 0:
+        names += [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if cfg.dense_mlp_bias:
+            names += [f"{p}.mlp.{x}_proj.bias" for x in ("gate", "up", "down")]
+        return names
+    names.append(f"{p}.mlp.gate.weight")
+    for e in range(count):
+        names += expert_tensor_names(layer, e)
+    return names
+
+
+def expert_tensor_names(layer: int, expert: int) -> list[str]:
+    return [f"model.layers.{layer}.mlp.experts.{expert}.{x}_proj.weight" for x in ("gate", "up", "down")]
+
+
+def coalesce(infos: Iterable[TensorInfo], max_chunk: int = MAX_READ_CHUNK) -> list[list[TensorInfo]]:
+    """Group tensors into runs that are contiguous in one shard (one ranged read each)."""
+    ordered = sorted(infos, key=lambda i: (i.shard, i.start))
+    chunks: list[list[TensorInfo]] = []
+    for info in ordered:
+        last = chunks[-1] if chunks else None
+        if (last and last[-1].shard == info.shard and last[-1].end == info.start
+                and info.end - last[0].start <= max_chunk):
+            last.append(info)
+        else:
+            chunks.append([info])
+    return chunks
+
+
+def _tensor_view(data: bytearray, info: TensorInfo, offset: int) -> torch.Tensor:
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    return torch.frombuffer(data, dtype=info.torch_dtype, count=info.numel, offset=offset).reshape(info.shape)
+
+
+def open_checkpoint(location: str | os.PathLike[str]) -> Checkpoint:
+    return Checkpoint(location)
+
+
+__all__ = ["Checkpoint", "open_checkpoint", "resolve_location", "coalesce",
+           "layer_tensor_names", "expert_tensor_names", "TOKENIZER_FILES"]

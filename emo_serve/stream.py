@@ -1,0 +1,99 @@
+"""The subset tensor stream: exactly a subset's tensors, read by byte range from the base shards.
+
+Non-expert tensors pass unchanged; `mlp.experts.{orig}.*` becomes `mlp.experts.{new}.*` with
+`new = kept.index(orig)`; the router keeps only the kept rows, in the same order. Only those
+bytes are read (the router row by row run), adjacent ranges are fetched together, and a shard
+that holds nothing the subset needs is never opened.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .safetensors_format import TensorInfo
+from .subset import SubsetSpec
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")
+_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor of the stream and the byte ranges of the base it is read from."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    sources: tuple[TensorInfo, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.sources)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def plan_subset(ckpt: Checkpoint, spec: SubsetSpec) -> list[PlannedTensor]:
+    """Every tensor of the subset, in base file order, from the headers alone."""
+    spec.check_against(ckpt)
+    new_index = [{orig: new for new, orig in enumerate(ids)} for ids in spec.experts]
+    plan: list[PlannedTensor] = []
+    for name in ckpt.expected_tensor_names():
+        info = ckpt.tensors[name]
+        if m := _EXPERT.match(name):
+            layer, orig, rest = int(m[1]), int(m[2]), m[3]
+            if orig in new_index[layer]:
+                new = f"model.layers.{layer}.mlp.experts.{new_index[layer][orig]}.{rest}"
+                plan.append(PlannedTensor(new, info.torch_dtype, info.shape, (info,)))
+        elif m := _ROUTER.match(name):
+            kept = spec.experts[int(m[1])]
+            plan.append(PlannedTensor(name, info.torch_dtype, (len(kept), *info.shape[1:]),
+                                      tuple(row_runs(info, kept))))
+        else:
+            plan.append(PlannedTensor(name, info.torch_dtype, info.shape, (info,)))
+    plan.sort(key=lambda t: (t.sources[0].shard, t.sources[0].start))
+    return plan
+
+
+def row_runs(info: TensorInfo, rows: list[int]) -> list[TensorInfo]:
+    """Byte ranges of `rows` (sorted) of a 2-D tensor, one per run of consecutive rows."""
+    row_bytes = info.nbytes // info.shape[0]
+    runs: list[TensorInfo] = []
+    start = prev = rows[0]
+    for r in [*rows[1:], None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        begin = info.start + start * row_bytes
+        runs.append(TensorInfo(f"{info.name}[{start}:{prev + 1}]", info.shard, info.dtype,
+                               (prev + 1 - start, *info.shape[1:]), begin,
+                               begin + (prev + 1 - start) * row_bytes))
+        if r is not None:
+            start = prev = r
+    return runs
+
+
+def iter_subset_tensors(ckpt: Checkpoint, spec: SubsetSpec, *, progress: str | None = None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` for the subset, in `plan_subset` order, reading only its bytes."""
+    plan = plan_subset(ckpt, spec)
+    owner = {src.name: out for out in plan for src in out.sources}
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for src_name, tensor in ckpt.read_infos([s for t in plan for s in t.sources], progress=progress):
+        out = owner[src_name]
+        if len(out.sources) == 1:
+            yield out.name, tensor
+            continue
+        got = pieces.setdefault(out.name, [])
+        got.append(tensor)
+        if len(got) == len(out.sources):
+            del pieces[out.name]
+            yield out.name, torch.cat(got, dim=0)

@@ -1,0 +1,228 @@
+"""The subset spec: which experts of a base checkpoint to keep, per layer, as a JSON manifest.
+
+Expert `j` of the subset is original expert `experts[layer][j]`; ids are sorted, so the shared
+experts (the last ids of the base) stay last and keep their separate softmax. The manifest
+records the base's fingerprint so it can't silently be applied to another checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from .checkpoint import Checkpoint
+from .config import EmoConfig
+from .errors import SubsetError
+from .files import atomic_write_text
+
+SUBSET_FORMAT = "emo-subset/v1"
+MANIFEST_FILE = "subset.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_name(name: str) -> str:
+    """A subset name is a file name in the state dir and a model id: no paths, no dot-dot."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise SubsetError(
+            f"invalid subset name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+class BaseRef(BaseModel):
+    location: str
+    fingerprint: str
+
+
+class Provenance(BaseModel):
+    """How the subset was made; free-form details (scores, quality estimates) go in `details`."""
+
+    method: str = "explicit"
+    size: int | list[int] | None = None
+    fraction: float | None = None
+    seed: int | None = None
+    example_fingerprints: list[str] = Field(default_factory=list)
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class SubsetSpec(BaseModel):
+    format: Literal["emo-subset/v1"] = SUBSET_FORMAT
+    name: str
+    base: BaseRef
+    experts: list[list[int]]
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return validate_name(v)
+        except SubsetError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("experts")
+    @classmethod
+    def _experts(cls, v: list[list[int]]) -> list[list[int]]:
+        for layer, ids in enumerate(v):
+            if len(set(ids)) != len(ids):
+                dup = sorted({i for i in ids if ids.count(i) > 1})
+                raise ValueError(f"layer {layer}: duplicate expert ids {dup}")
+            if any(i < 0 for i in ids):
+                raise ValueError(f"layer {layer}: negative expert id")
+        return [sorted(ids) for ids in v]
+
+    # -- persistence ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "SubsetSpec":
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SubsetError(f"{path}: cannot read subset manifest ({exc.strerror})") from None
+        return cls.parse(text, source=str(path))
+
+    @classmethod
+    def parse(cls, text: str | bytes, *, source: str = "subset manifest") -> "SubsetSpec":
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()
+            )
+            raise SubsetError(f"{source}: {details}") from None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_text(path, self.to_json() + "\n")
+
+    # -- against the base ----------------------------------------------------------------------
+    def check_against(self, ckpt: Checkpoint, *, check_fingerprint: bool = True) -> None:
+        """Raise SubsetError unless this spec fits `ckpt` layer by layer."""
+        if check_fingerprint and self.base.fingerprint != ckpt.fingerprint:
+            raise SubsetError(
+                f"subset {self.name!r} was made for a checkpoint with fingerprint "
+                f"{self.base.fingerprint}, but {ckpt.location} has {ckpt.fingerprint}"
+            )
+        check_experts(self.experts, ckpt.config, where=f"subset {self.name!r}")
+
+    def subset_config(self, base: EmoConfig) -> dict[str, Any]:
+        """The config of the model this subset defines (see DESIGN.md, "A subset keeps ...")."""
+        check_experts(self.experts, base, where=f"subset {self.name!r}")
+        counts = [len(ids) for ids in self.experts]
+        cfg = base.to_dict()
+        cfg.pop("auto_map", None)
+        routing = [base.layer_routing(i) for i in range(base.num_hidden_layers)]
+        cfg["num_experts_per_layer"] = counts
+        cfg["num_experts"] = max(counts)
+        cfg["num_shared_experts_per_layer"] = [r.num_shared for r in routing]
+        cfg["num_experts_per_tok"] = min(base.num_experts_per_tok, max(counts))
+        cfg.pop("always_active_experts", None)
+        if any(r.always_active for r in routing):
+            cfg["always_active_experts_per_layer"] = [
+                [ids.index(a) for a in r.always_active] for ids, r in zip(self.experts, routing)
+            ]
+        cfg["emo_subset"] = {
+            "name": self.name,
+            "base": self.base.model_dump(),
+            "experts": self.experts,
+            "base_num_experts_per_layer": base.experts_per_layer,
+        }
+        return cfg
+
+
+def check_experts(experts: list[list[int]], cfg: EmoConfig, *, where: str) -> None:
+    if len(experts) != cfg.num_hidden_layers:
+        raise SubsetError(
+            f"{where}: lists experts for {len(experts)} layers, the base has {cfg.num_hidden_layers}"
+        )
+    for layer, ids in enumerate(experts):
+        r = cfg.layer_routing(layer)
+        if r.is_dense:
+            if ids:
+                raise SubsetError(f"{where}: layer {layer} is dense and has no experts to keep")
+            continue
+        bad = [i for i in ids if not 0 <= i < r.num_experts]
+        if bad:
+            raise SubsetError(f"{where}: layer {layer}: expert ids {bad} out of range 0..{r.num_experts - 1}")
+        required = set(range(r.num_routed, r.num_experts)) | set(r.always_active)
+        missing = sorted(required - set(ids))
+        if missing:
+            raise SubsetError(f"{where}: layer {layer}: shared/always-active experts {missing} must be kept")
+        if len(ids) == len(required) and r.num_routed > 0 and not set(ids) - required:
+            raise SubsetError(f"{where}: layer {layer}: keeps no routed expert")
+
+
+def shared_ids(cfg: EmoConfig, layer: int) -> list[int]:
+    """Ids every subset must keep at `layer`: the shared experts and any always-active ones."""
+    r = cfg.layer_routing(layer)
+    return sorted(set(range(r.num_routed, r.num_experts)) | set(r.always_active))
+
+
+def routed_ids(cfg: EmoConfig, layer: int) -> list[int]:
+    keep = set(shared_ids(cfg, layer))
+    return [e for e in range(cfg.layer_routing(layer).num_experts) if e not in keep]
+
+
+def make_subset(ckpt: Checkpoint, routed: list[list[int]], name: str,
+                provenance: Provenance | None = None) -> SubsetSpec:
+    """A validated spec keeping `routed[layer]` plus the shared experts of every MoE layer."""
+    cfg = ckpt.config
+    if len(routed) != cfg.num_hidden_layers:
+        raise SubsetError(f"expert lists for {len(routed)} layers, the base has {cfg.num_hidden_layers}")
+    experts = [
+        sorted(set(ids) | set(shared_ids(cfg, i))) if cfg.experts_per_layer[i] else []
+        for i, ids in enumerate(routed)
+    ]
+    try:
+        spec = SubsetSpec(
+            name=name,
+            base=BaseRef(location=ckpt.location, fingerprint=ckpt.fingerprint),
+            experts=experts,
+            provenance=provenance or Provenance(),
+        )
+    except ValidationError as exc:
+        raise SubsetError("; ".join(e["msg"] for e in exc.errors())) from None
+    spec.check_against(ckpt)
+    return spec
+
+
+def random_subset(ckpt: Checkpoint, size: int, name: str, seed: int = 0) -> SubsetSpec:
+    """`size` routed experts per layer drawn at random (seeded): the baseline of the profiler."""
+    rng = random.Random(seed)
+    cfg = ckpt.config
+    routed = []
+    for layer in range(cfg.num_hidden_layers):
+        pool = routed_ids(cfg, layer)
+        if pool and not 0 < size <= len(pool):
+            raise SubsetError(f"--random {size}: layer {layer} has {len(pool)} routed experts")
+        routed.append(sorted(rng.sample(pool, size)) if pool else [])
+    return make_subset(ckpt, routed, name, Provenance(method="random", size=size, seed=seed))
+
+
+def subset_sizes(ckpt: Checkpoint, spec: SubsetSpec) -> dict[str, int]:
+    """Parameters and bytes of the subset vs its base, from the tensor table alone."""
+    from .stream import plan_subset  # local: stream imports this module
+
+    plan = plan_subset(ckpt, spec)
+    sub_bytes = sum(t.nbytes for t in plan)
+    sub_params = sum(t.numel for t in plan)
+    return {
+        "subset_bytes": sub_bytes,
+        "base_bytes": ckpt.total_tensor_bytes,
+        "subset_params": sub_params,
+        "base_params": sum(t.numel for t in ckpt.tensors.values()),
+    }
+
+
+def examples_fingerprint(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
