@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from .config import EmoConfig
@@ -32,6 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 SPECULATIVE_HEADER_BYTES = 100_000
 MAX_READ_CHUNK = 64 * 1024 * 1024
+FINGERPRINT_SAMPLE = 4096  # bytes of the embedding hashed into the fingerprint
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -188,13 +190,21 @@ class Checkpoint:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the config's model-defining keys and the tensor table (names, dtypes, shapes).
+        """sha256 of the config's model-defining keys, the tensor table (names, dtypes, shapes)
+        and the first bytes of the embedding.
 
-        A subset manifest records it so it can't silently be applied to another checkpoint.
+        A subset manifest records it so it can't silently be applied to another checkpoint. The
+        weight sample tells apart checkpoints of one architecture (Emo_1b14b vs StdMoE_1b14b, or
+        two demo seeds), whose configs and headers are identical; it is one small ranged read of
+        a tensor every subset needs, counted with the header bytes (metadata, not tensor data).
         """
         cfg = {k: v for k, v in self.raw_config.items() if k not in _NON_MODEL_KEYS}
         table = {n: [t.dtype, list(t.shape)] for n, t in sorted(self.tensors.items())}
-        blob = json.dumps({"config": cfg, "tensors": table}, sort_keys=True).encode()
+        embed = self.tensors["model.embed_tokens.weight"]
+        sample = self._fetch_checked(embed.shard, embed.start, min(embed.end, embed.start + FINGERPRINT_SAMPLE))
+        self.header_bytes += len(sample)
+        blob = json.dumps({"config": cfg, "tensors": table, "sample": hashlib.sha256(sample).hexdigest()},
+                          sort_keys=True).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
     @property
@@ -231,9 +241,14 @@ class Checkpoint:
                 bar.update(len(data))
 
     def _read_range(self, shard_where: str, start: int, end: int) -> bytearray:
+        data = self._fetch_checked(shard_where, start, end)
+        self.stats = ReadStats(self.stats.bytes_read + len(data), self.stats.requests + 1)
+        return data
+
+    def _fetch_checked(self, shard_where: str, start: int, end: int) -> bytearray:
         shard = shard_where.rsplit("/", 1)[-1]
         try:
-            data = bytearray(self.fs.cat_file(self.path(shard), start=start, end=end))
+            data = self._fetch(self.path(shard), start, end)
         except FileNotFoundError:
             raise CheckpointError(f"{shard_where}: shard file not found") from None
         except OSError as exc:
@@ -243,8 +258,25 @@ class Checkpoint:
                 f"{shard_where}: read {len(data)} bytes at {start}, expected {end - start} "
                 "(file truncated or changed since its header was read)"
             )
-        self.stats = ReadStats(self.stats.bytes_read + len(data), self.stats.requests + 1)
         return data
+
+    def _fetch(self, path: str, start: int, end: int) -> bytearray:
+        """Bytes `start..end` of a file as a writable buffer that tensors can view.
+
+        Local files are read straight into the buffer: going through `cat_file` and copying its
+        `bytes` would hold every chunk twice (822 MB for the real model's embedding).
+        """
+        if isinstance(self.fs, LocalFileSystem):
+            buf = bytearray(end - start)
+            view, n = memoryview(buf), 0
+            with open(path, "rb") as f:
+                f.seek(start)
+                while n < len(buf) and (got := f.readinto(view[n:])):
+                    n += got
+            view.release()
+            del buf[n:]  # a short file: the caller reports it as truncated
+            return buf
+        return bytearray(self.fs.cat_file(path, start=start, end=end))
 
 
 _NON_MODEL_KEYS = {"auto_map", "transformers_version", "_name_or_path", "emo_subset",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +113,16 @@ def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
     near-ties between expert scores that float rounding could flip).
     """
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**63)
+    # In place: the float32 draw of the 100352 x 2048 embedding is 822 MB; no second copy.
+    t = torch.randn(spec.shape, generator=gen)
     if spec.name.endswith("norm.weight"):
-        t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
+        t.mul_(0.1).add_(1.0)
     elif spec.name.endswith(".bias"):
-        t = 0.02 * torch.randn(spec.shape, generator=gen)
+        t.mul_(0.02)
     else:
         fan_in = spec.shape[-1]
         scale = 2.0 if spec.name.endswith("mlp.gate.weight") else 1.0
-        t = torch.randn(spec.shape, generator=gen) * (scale / fan_in**0.5)
+        t.mul_(scale / fan_in**0.5)
     return t.to(spec.dtype)
 
 
@@ -173,8 +175,10 @@ def tokenizer_corpus() -> Iterator[str]:
         yield " ".join(f"{a} + {b} = {a + b}. {a} * {b} = {a * b}." for b in range(1, 30, 3))
 
 
-def train_tokenizer(vocab_size: int, max_length: int) -> tuple[str, dict[str, Any]]:
-    """A byte-level BPE tokenizer (tokenizer.json text) and its tokenizer_config.json."""
+def train_tokenizer(vocab_size: int, max_length: int, corpus: Iterable[str] | None = None
+                    ) -> tuple[str, dict[str, Any]]:
+    """A byte-level BPE tokenizer (tokenizer.json text) and its tokenizer_config.json, trained
+    on `corpus` (default: `tokenizer_corpus()`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -184,7 +188,7 @@ def train_tokenizer(vocab_size: int, max_length: int) -> tuple[str, dict[str, An
         vocab_size=min(vocab_size, 8192), special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else tokenizer_corpus(), trainer=trainer)
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|endoftext|>",
@@ -198,8 +202,8 @@ def train_tokenizer(vocab_size: int, max_length: int) -> tuple[str, dict[str, An
     return tok.to_str(), tokenizer_config
 
 
-def write_tokenizer(out_dir: Path, config: dict[str, Any]) -> None:
-    text, tok_config = train_tokenizer(config["vocab_size"], config["max_position_embeddings"])
+def write_tokenizer(out_dir: Path, config: dict[str, Any], corpus: Iterable[str] | None = None) -> None:
+    text, tok_config = train_tokenizer(config["vocab_size"], config["max_position_embeddings"], corpus)
     (out_dir / "tokenizer.json").write_text(text)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     im_end = json.loads(text)["model"]["vocab"].get("<|im_end|>")

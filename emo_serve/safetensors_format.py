@@ -91,9 +91,11 @@ def parse_header(header: bytes, *, shard: str, file_size: int) -> dict[str, Tens
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{where}: malformed header entry {entry!r}") from None
-        if dtype not in DTYPES:
+        if not (_is_count(begin) and _is_count(end)):
+            raise CheckpointError(f"{where}: malformed header entry {entry!r} (offsets must be integers)")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{where}: unsupported dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise CheckpointError(f"{where}: invalid shape {shape!r}")
         info = TensorInfo(name, shard, dtype, tuple(shape), data_start + begin, data_start + end)
         expected = info.numel * DTYPES[dtype].itemsize
@@ -109,6 +111,11 @@ def parse_header(header: bytes, *, shard: str, file_size: int) -> dict[str, Tens
             )
         tensors[name] = info
     return tensors
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (JSON `true` parses as a Python int; it is not one here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
