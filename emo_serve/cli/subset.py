@@ -1,13 +1,17 @@
-"""`emo-serve subset ...`: create, export and materialize subset manifests."""
+"""`emo-serve subset ...`: create, export, materialize, plot and combine subset manifests."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SubsetError
 from .common import positive_int
+
+if TYPE_CHECKING:
+    from ..subset import SubsetSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +40,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("out_dir", type=Path)
     m.add_argument("--base", help="read the base from here instead of the manifest's location")
     m.set_defaults(func=materialize)
+
+    pl = cmds.add_parser("plot", help="draw a layers x experts heatmap of a subset or a scores file")
+    pl.add_argument("input", type=Path, help="subset manifest or scores file (from profile --scores)")
+    pl.add_argument("png", type=Path, metavar="FILE.png")
+    pl.add_argument("--scores", type=Path, help="with a manifest: colour by these scores")
+    pl.add_argument("--size", type=positive_int, metavar="K", help="with a scores file: mark its top K")
+    pl.add_argument("--base", help="with a manifest alone: read the layer shapes from here "
+                    "instead of the manifest's base location")
+    pl.set_defaults(func=plot)
+
+    u = cmds.add_parser("union", help="combine subsets of one base: per layer, the union of kept experts")
+    u.add_argument("manifests", type=Path, nargs="+", metavar="SUBSET.json")
+    u.add_argument("--name", required=True, help="name of the combined subset")
+    u.add_argument("-o", "--output", required=True, type=Path, help="manifest file to write")
+    u.set_defaults(func=union)
 
 
 def parse_expert_ids(text: str) -> list[int]:
@@ -98,4 +117,71 @@ def materialize(args: argparse.Namespace) -> int:
 
     ckpt, spec = _open(args)
     print(materialize_subset(ckpt, spec, args.out_dir))
+    return 0
+
+
+def _is_scores_file(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == "emo-scores/v1"
+    except (OSError, ValueError, AttributeError):
+        return False  # let the manifest loader report what is wrong with it
+
+
+def plot(args: argparse.Namespace) -> int:
+    from ..plot import plot_profile
+    from ..profiler import Scores
+    from ..subset import SubsetSpec
+
+    if _is_scores_file(args.input):
+        if args.scores:
+            raise SubsetError(f"{args.input} is a scores file; --scores goes with a subset manifest")
+        scores = Scores.load(args.input)
+        kept = scores.top(scores.resolve_sizes(args.size)) if args.size else scores.kept
+        plot_profile(args.png, scores=scores, kept=kept)
+    else:
+        if args.size:
+            raise SubsetError("--size goes with a scores file; a manifest already says what is kept")
+        spec = SubsetSpec.load(args.input)
+        scores = Scores.load(args.scores) if args.scores else None
+        if scores is not None and scores.base.fingerprint != spec.base.fingerprint:
+            raise SubsetError(f"{args.scores} and {args.input} were made for different base checkpoints")
+        config = None
+        if scores is None:
+            from ..checkpoint import Checkpoint
+
+            ckpt = Checkpoint(args.base or spec.base.location)
+            spec.check_against(ckpt)
+            config = ckpt.config
+        plot_profile(args.png, scores=scores, spec=spec, config=config)
+    print(args.png)
+    return 0
+
+
+def union_specs(specs: list[SubsetSpec], name: str) -> SubsetSpec:
+    """Per layer, the union of the experts kept by subsets of one base (a multi-domain subset)."""
+    from ..subset import Provenance, SubsetSpec
+
+    if not specs:
+        raise SubsetError("union needs at least one subset")
+    first = specs[0]
+    for spec in specs[1:]:
+        if spec.base.fingerprint != first.base.fingerprint:
+            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} have different bases "
+                              f"({first.base.fingerprint} vs {spec.base.fingerprint})")
+        if len(spec.experts) != len(first.experts):
+            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} list different numbers of layers")
+    experts = [sorted(set().union(*layer)) for layer in zip(*(s.experts for s in specs))]
+    fingerprints = list(dict.fromkeys(f for s in specs for f in s.provenance.example_fingerprints))
+    provenance = Provenance(method="union", example_fingerprints=fingerprints,
+                            details={"parts": [s.name for s in specs]})
+    return SubsetSpec(name=name, base=first.base, experts=experts, provenance=provenance)
+
+
+def union(args: argparse.Namespace) -> int:
+    from ..subset import SubsetSpec, validate_name
+
+    validate_name(args.name)
+    spec = union_specs([SubsetSpec.load(p) for p in args.manifests], args.name)
+    spec.save(args.output)
+    print(args.output)
     return 0

@@ -1,0 +1,90 @@
+"""`emo-serve profile`: rank experts on a few task examples and write a subset manifest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .common import fraction, positive_int
+
+log = logging.getLogger("emo_serve.profile")
+METHODS = ("usage", "frequency", "layerwise", "easy_ep", "random")  # = profiler.METHODS (no torch here)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile", help="pick an expert subset from a few task examples",
+        description="Run the base model one layer at a time on task examples, score every expert "
+        "of every layer, and keep the top K routed experts per layer plus the shared ones.")
+    p.add_argument("--base", required=True, help="base checkpoint: directory, fsspec URL or Hub id")
+    p.add_argument("--examples", required=True, type=Path,
+                   help="JSONL ({'text'} or {'messages'} per line), a JSON list, or text with "
+                   "examples separated by blank lines; 1 to 64 examples")
+    add_size_arguments(p.add_mutually_exclusive_group(required=True))
+    p.add_argument("--method", choices=METHODS, default="usage",
+                   help="scoring method (default: usage; layerwise is greedy over layers)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (default: float32)")
+    p.add_argument("--max-tokens-per-example", type=positive_int, default=512, metavar="N",
+                   help="truncate longer examples (recorded as a warning in the output; default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--name", help="subset name (default: <examples file stem>-<method>)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="subset manifest to write")
+    p.add_argument("--scores", type=Path, help="also write the full score table (JSON)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw a layers x experts heatmap")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def add_size_arguments(group: argparse._MutuallyExclusiveGroup) -> None:
+    """How big the subset is. Auto-sizing (issue 7: --max-loss-increase / --budget) joins this
+    group as an alternative, and `subset_size(args, ...)` below is where it is resolved."""
+    group.add_argument("--size", type=positive_int, metavar="K", help="routed experts kept per layer")
+    group.add_argument("--fraction", type=fraction, metavar="F",
+                       help="share of each layer's routed experts kept, in (0, 1]")
+
+
+def subset_size(args: argparse.Namespace) -> dict[str, object]:
+    """Keyword arguments for `profile(layerwise_size=...)` and `Scores.to_subset(...)`."""
+    if args.size is not None:
+        return {"size": args.size}
+    return {"fraction": args.fraction}
+
+
+def default_name(examples: Path, method: str) -> str:
+    from ..subset import validate_name
+
+    stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in examples.stem).strip("-.") or "subset"
+    return validate_name(f"{stem[:48]}-{method}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import Checkpoint
+    from ..examples import load_examples
+    from ..profiler import profile, resolve_sizes
+    from ..subset import routed_ids, validate_name
+
+    name = validate_name(args.name) if args.name else default_name(args.examples, args.method)
+    examples = load_examples(args.examples)
+    ckpt = Checkpoint(args.base)
+    cfg = ckpt.config
+    size = subset_size(args)
+    # Check the size before the (possibly long) forward pass, not after it.
+    resolve_sizes([len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)], **size)
+    scores = profile(ckpt, examples, method=args.method, device=args.device, dtype=args.dtype,
+                     max_tokens_per_example=args.max_tokens_per_example, seed=args.seed,
+                     layerwise_size=next(iter(size.values())), progress=not args.quiet)
+    for warning in scores.warnings:
+        log.warning("%s", warning)
+    spec = scores.to_subset(**size, name=name, checkpoint=ckpt)
+    if args.scores:
+        scores.save(args.scores)
+    if args.plot:
+        from ..plot import plot_profile
+
+        plot_profile(args.plot, scores=scores, spec=spec)
+    spec.save(args.output)
+    print(args.output)
+    return 0
