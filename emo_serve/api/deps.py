@@ -1,0 +1,65 @@
+"""Dependencies of the routes: the service and settings on `app.state`, and bearer-key auth.
+
+Keys are compared in constant time (`hmac.compare_digest`). `/v1/*` needs the API key when one
+is configured; creating, deleting, loading and unloading subsets needs the admin key (which
+defaults to the API key). Reading routes accept either key.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+
+from ..settings import Settings
+from .errors import APIError
+from .service import EmoService
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_service(request: Request) -> EmoService:
+    return request.app.state.service
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.service.settings
+
+
+Service = Annotated[EmoService, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _matches(given: HTTPAuthorizationCredentials | None, *keys: SecretStr | None) -> bool:
+    token = (given.credentials if given else "").encode()
+    ok = False
+    for key in keys:
+        if key is not None:  # check every key, so timing does not tell which one matched
+            ok |= hmac.compare_digest(token, key.get_secret_value().encode())
+    return ok
+
+
+def _unauthorized(what: str) -> APIError:
+    return APIError(401, f"invalid or missing {what}: send `Authorization: Bearer <key>`",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key(settings: SettingsDep, credentials: Credentials) -> None:
+    """Any `/v1/*` route: the API key (or the admin key) when an API key is configured."""
+    if settings.api_key is not None and not _matches(credentials, settings.api_key, settings.admin_key):
+        raise _unauthorized("API key")
+
+
+def require_admin_key(settings: SettingsDep, credentials: Credentials) -> None:
+    """Routes that change subsets or start/stop engines."""
+    admin = settings.effective_admin_key
+    if admin is not None and not _matches(credentials, admin):
+        raise _unauthorized("admin key")
+
+
+ApiKey = Depends(require_api_key)
+AdminKey = Depends(require_admin_key)

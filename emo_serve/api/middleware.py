@@ -1,0 +1,85 @@
+"""The outermost layer of every request: a request id, a bound on the body, one log line.
+
+Pure ASGI (not Starlette's BaseHTTPMiddleware), so streamed responses pass through untouched and
+the body limit holds for chunked uploads that carry no Content-Length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..logs import request_id_var
+from .errors import error_body
+
+log = logging.getLogger("emo_serve.access")
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or ())
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["start"] = rid, start
+        token = request_id_var.set(rid)
+        status = 0
+        limit = self.max_body_bytes
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def send_tagged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                await _reject_413(send_tagged, limit)
+                return
+            await self.app(scope, receive_limited, send_tagged)
+        finally:
+            log.info("request", extra={
+                "method": scope.get("method"), "path": scope.get("path"), "status": status,
+                "ms": round((time.perf_counter() - start) * 1000, 2), "model": state.get("model"),
+                "client": (scope.get("client") or ("", 0))[0]})
+            request_id_var.reset(token)
+
+
+async def _reject_413(send: Send, limit: int) -> None:
+    body = json.dumps(error_body(413, f"request body is larger than the limit of {limit} bytes")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,202 @@
+"""Request and response models of the HTTP API (what the OpenAPI schema documents).
+
+The OpenAI request models check only what the front end itself needs — the model to route to and
+the bounds it enforces (`n`, `max_tokens`, streaming options) — and keep every other field as
+given (`extra="allow"`): vLLM's server behind validates sampling parameters exactly as OpenAI
+clients expect, and unknown-but-valid OpenAI fields are passed on, not rejected.
+The subsets API is our own, so its request model is strict (`extra="forbid"`): a typo is a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..profiler import METHODS
+
+NAME_FIELD = Field(min_length=1, max_length=64, description="subset name: also its model id")
+
+
+# -- OpenAI-compatible requests ----------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class _GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    n: int = Field(1, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The body passed on to the engine: the fields as the client sent them."""
+        return self.model_dump(exclude_unset=True, mode="json")
+
+    @property
+    def output_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def output_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# -- OpenAI-compatible responses (documented loosely: the engine's fields pass through) --------
+class _Passthrough(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(_Passthrough):
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+
+
+class Completion(_Passthrough):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class EmoModelInfo(BaseModel):
+    kind: Literal["base", "subset"]
+    state: str
+    base: str
+    experts_per_layer: list[int]
+    base_experts_per_layer: list[int]
+    params: int
+    base_params: int
+    bytes: int
+    base_bytes: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "emo-serve"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+    emo: EmoModelInfo
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- subsets API -------------------------------------------------------------------------------
+class TextExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+
+
+class ChatExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class SubsetCreate(BaseModel):
+    """Either explicit expert ids, or examples plus how many experts to keep."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = NAME_FIELD
+    experts: list[list[int]] | list[int] | None = Field(
+        None, description="routed expert ids to keep: one list per layer, or one list for every "
+        "layer (shared experts are always kept)")
+    examples: list[str | TextExample | ChatExample] | None = Field(
+        None, min_length=1, description="task examples: strings, {'text'} or {'messages'}")
+    size: int | None = Field(None, ge=1, description="routed experts kept per layer")
+    fraction: float | None = Field(None, gt=0, le=1, description="share of each layer's routed experts")
+    sizes: list[int] | None = Field(None, description="routed experts kept, per layer")
+    method: Literal[METHODS] = "usage"  # type: ignore[valid-type]
+    max_tokens_per_example: int = Field(512, ge=1, le=8192)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    load: bool = Field(False, description="start the subset's engine as soon as it is ready")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "SubsetCreate":
+        if (self.experts is None) == (self.examples is None):
+            raise ValueError("give exactly one of `experts` or `examples`")
+        sizing = sum(x is not None for x in (self.size, self.fraction, self.sizes))
+        if self.examples is not None and sizing != 1:
+            raise ValueError("with `examples`, give exactly one of `size`, `fraction` or `sizes`")
+        if self.experts is not None and sizing:
+            raise ValueError("`size`, `fraction` and `sizes` apply to `examples`, not to explicit `experts`")
+        return self
+
+    def example_items(self) -> list[str | dict[str, Any]]:
+        return [e if isinstance(e, str) else e.model_dump() for e in self.examples or ()]
+
+
+class ExpertCounts(BaseModel):
+    subset: int
+    base: int
+
+
+class SubsetObject(BaseModel):
+    id: str
+    object: Literal["subset"] = "subset"
+    state: Literal["profiling", "ready", "loading", "loaded", "failed"]
+    created: int
+    base: str
+    base_fingerprint: str
+    experts: list[list[int]] | None = None
+    experts_per_layer: list[int] | None = None
+    params: ExpertCounts | None = None
+    bytes: ExpertCounts | None = None
+    method: str | None = None
+    size: int | list[int] | None = None
+    fraction: float | None = None
+    example_fingerprints: list[str] = Field(default_factory=list)
+    profile_seconds: float | None = None
+    error: str | None = None
+    engine: dict[str, Any] | None = None
+
+
+class SubsetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SubsetObject]
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["subset"] = "subset"
+    deleted: bool = True
+
+
+# -- operational -------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    models: dict[str, str]
+    detail: str | None = None
+
+
+class Version(BaseModel):
+    version: str
+    vllm: str | None
+    base: str
+    base_fingerprint: str

@@ -1,0 +1,174 @@
+"""Pass an OpenAI request through to the model's vLLM engine and its answer back, byte for byte.
+
+The front end adds what the engine can't know: which engine (by `model`), metrics per model
+(tokens from `usage`, time to first token, latency) and clean aborts. A client that goes away
+closes our upstream request, and vLLM aborts a request whose connection closes, so a dropped
+client never keeps an engine busy: for streams Starlette cancels the body iterator on
+disconnect; for plain requests `cancel_on_disconnect` does the same while we wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ..engines import Lease, ModelUnavailable
+from ..metrics import Metrics
+from .errors import error_body
+
+_USAGE = b'"usage":{'
+_NO_CHOICES = b'"choices":[]'
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Recorder:
+    """Metrics of one model request: status, tokens, time to first token, end-to-end latency."""
+
+    def __init__(self, metrics: Metrics, model: str, endpoint: str, start: float) -> None:
+        self.metrics, self.model, self.endpoint, self.start = metrics, model, endpoint, start
+        self._first = False
+
+    def first_token(self) -> None:
+        if not self._first:
+            self._first = True
+            self.metrics.ttft.labels(self.model).observe(time.perf_counter() - self.start)
+
+    def usage(self, usage: Any) -> None:
+        self.metrics.observe_usage(self.model, usage)
+
+    def finish(self, status: int | str) -> None:
+        self.metrics.requests.labels(self.model, self.endpoint, str(status)).inc()
+        self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.start)
+
+
+def _unavailable(model: str, exc: BaseException) -> ModelUnavailable:
+    return ModelUnavailable(f"the engine of `{model}` failed during the request ({type(exc).__name__}); "
+                            "it restarts on the next request")
+
+
+async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder: Recorder,
+                  request_id: str | None) -> Response:
+    """Send `payload` to the leased engine; the lease is released when the answer is complete
+    (for a stream: when the stream ends, fails or its client goes away)."""
+    stream = bool(payload.get("stream"))
+    options = payload.get("stream_options") or {}
+    drop_usage = stream and not options.get("include_usage")
+    if drop_usage:  # ask for usage to count tokens; the chunk is removed from what the client sees
+        payload = {**payload, "stream_options": {**options, "include_usage": True}}
+    client = lease.proc.client
+    headers = {"content-type": "application/json"}
+    if request_id:
+        headers["x-request-id"] = request_id
+    request = client.build_request("POST", endpoint, content=json.dumps(payload).encode(), headers=headers)
+    try:
+        upstream = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        lease.release()
+        recorder.finish(503)
+        raise _unavailable(recorder.model, exc) from None
+    except BaseException:
+        lease.release()
+        recorder.finish("cancelled")
+        raise
+    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+    if upstream.status_code == 200 and is_sse:
+        return ProxyStream(upstream, lease, recorder, drop_usage=drop_usage)
+    status: int | str = upstream.status_code
+    try:
+        body = await upstream.aread()
+    except httpx.HTTPError as exc:
+        status = 503
+        raise _unavailable(recorder.model, exc) from None
+    except BaseException:
+        status = "cancelled"
+        raise
+    finally:
+        await upstream.aclose()
+        lease.release()
+        recorder.finish(status)
+    if upstream.status_code == 200:
+        try:
+            recorder.usage(json.loads(body).get("usage"))
+        except (ValueError, AttributeError):
+            pass
+    return Response(body, status_code=upstream.status_code,
+                    media_type=upstream.headers.get("content-type", "application/json"))
+
+
+class ProxyStream(StreamingResponse):
+    """Server-sent events from the engine, passed through event by event."""
+
+    def __init__(self, upstream: httpx.Response, lease: Lease, recorder: Recorder, *, drop_usage: bool) -> None:
+        self.upstream, self.lease, self.recorder, self.drop_usage = upstream, lease, recorder, drop_usage
+        self.outcome: int | str = "cancelled"
+        super().__init__(self._events(), status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        buf = b""
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                self.recorder.first_token()
+                buf += chunk
+                while (end := buf.find(b"\n\n")) >= 0:
+                    event, buf = buf[: end + 2], buf[end + 2 :]
+                    if _USAGE in event and self._usage(event):
+                        continue
+                    yield event
+            if buf:
+                yield buf
+            self.outcome = 200
+        except httpx.HTTPError as exc:
+            # Headers are sent; all that's left is an error event, as vLLM itself streams errors.
+            self.outcome = 503
+            err = error_body(503, str(_unavailable(self.recorder.model, exc)), code="model_unavailable")
+            yield b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
+
+    def _usage(self, event: bytes) -> bool:
+        """Record the usage chunk; True if it should be dropped (the client didn't ask for it)."""
+        try:
+            data = json.loads(event.removeprefix(b"data: "))
+            self.recorder.usage(data.get("usage"))
+        except (ValueError, AttributeError):
+            return False
+        return self.drop_usage and _NO_CHOICES in event
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Closing the upstream connection mid-stream is what makes vLLM abort the request.
+            await self.upstream.aclose()
+            self.lease.release()
+            self.recorder.finish(self.outcome)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Await `work` unless the client disconnects first; then cancel it (closing its upstream
+    request) — as vLLM's own `with_cancellation`. The request body must already be read."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # its cleanup (release, metrics) runs here
+    return Response(status_code=499)  # nobody is listening; for the access log only

@@ -1,0 +1,54 @@
+"""The subsets API: create (from expert ids or task examples), list, inspect, delete, load and
+unload. Mutations need the admin key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from ..deps import AdminKey, Service
+from ..errors import responses
+from ..protocol import Deleted, SubsetCreate, SubsetList, SubsetObject
+
+router = APIRouter(prefix="/v1/subsets", tags=["subsets"])
+
+Force = Query(False, description="also when requests are in flight (they fail with 503)")
+
+
+@router.post("", status_code=201, response_model=SubsetObject, dependencies=[AdminKey],
+             responses={202: {"model": SubsetObject, "description": "profiling started"},
+                        **responses(400, 401, 409, 413, 429, 503)})
+async def create_subset(body: SubsetCreate, service: Service) -> JSONResponse:
+    """201 with a ready subset for explicit `experts`; 202 with state `profiling` for `examples`
+    (poll `GET /v1/subsets/{name}` until `ready` or `failed`)."""
+    immediate, subset = await service.create_subset(body)
+    return JSONResponse(subset.model_dump(mode="json"), status_code=201 if immediate else 202)
+
+
+@router.get("", response_model=SubsetList, responses=responses(401))
+async def list_subsets(service: Service) -> SubsetList:
+    return SubsetList(data=service.subsets())
+
+
+@router.get("/{name}", response_model=SubsetObject, responses=responses(400, 401, 404))
+async def get_subset(name: str, service: Service) -> SubsetObject:
+    return service.subset(name)
+
+
+@router.delete("/{name}", response_model=Deleted, dependencies=[AdminKey], responses=responses(400, 401, 404, 409))
+async def delete_subset(name: str, service: Service, force: bool = Force) -> Deleted:
+    await service.delete_subset(name, force=force)
+    return Deleted(id=name)
+
+
+@router.post("/{name}/load", status_code=202, response_model=SubsetObject, dependencies=[AdminKey],
+             responses=responses(400, 401, 404, 429, 503))
+async def load_subset(name: str, service: Service) -> SubsetObject:
+    """Start the subset's engine (state `loading`, then `loaded`)."""
+    return await service.load_subset(name)
+
+
+@router.post("/{name}/unload", response_model=SubsetObject, dependencies=[AdminKey],
+             responses=responses(400, 401, 404, 409, 503))
+async def unload_subset(name: str, service: Service, force: bool = Force) -> SubsetObject:
+    return await service.unload_subset(name, force=force)

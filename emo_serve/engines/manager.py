@@ -1,0 +1,307 @@
+"""The engine manager: which models have a vLLM engine, starting them on demand, evicting the least
+recently used idle one when `max_engines` are resident, restarting after a crash, and stopping
+them all on shutdown.
+
+Everything runs on the event loop, so the bookkeeping needs no locks; waiters sleep on a
+"something changed" event that every state change and every finished request fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from .process import EngineOptions, EngineProcess, EngineStartError
+
+log = logging.getLogger(__name__)
+
+FAILED_RETRY_SECONDS = 10.0  # after a failed start, requests fail fast for this long, then retry
+
+
+class EngineState(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class EngineError(Exception):
+    """Base of the errors a request for a model can meet; the API maps each to a status."""
+
+
+class UnknownModel(EngineError):
+    pass
+
+
+class ModelUnavailable(EngineError):
+    """The engine is down, failed to start, or did not become ready in time (503)."""
+
+
+class CapacityExhausted(EngineError):
+    """Every engine slot is held by a model with requests in flight (429)."""
+
+
+class ModelInUse(EngineError):
+    """Unloading a model with requests in flight without `force` (409)."""
+
+
+@dataclass
+class Engine:
+    """The serving slot of one model id (base or subset), with or without a running process."""
+
+    model_id: str
+    model_dir: str
+    state: EngineState = EngineState.STOPPED
+    proc: EngineProcess | None = None
+    inflight: int = 0
+    waiters: int = 0
+    last_used: float = 0.0
+    error: str | None = None
+    failed_at: float = 0.0
+    starts: int = 0
+    crashes: int = 0
+    task: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def resident(self) -> bool:
+        return self.state in (EngineState.STARTING, EngineState.READY, EngineState.STOPPING)
+
+    def info(self) -> dict:
+        return {"model": self.model_id, "state": self.state.value, "inflight": self.inflight,
+                "waiting": self.waiters, "pid": self.proc.pid if self.proc else None,
+                "socket": str(self.proc.socket_path) if self.proc else None,
+                "starts": self.starts, "crashes": self.crashes, "error": self.error,
+                "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.last_used else None}
+
+
+class Lease:
+    """One request's hold on a ready engine; `release()` is idempotent."""
+
+    def __init__(self, manager: "EngineManager", engine: Engine) -> None:
+        self._manager, self.engine, self._released = manager, engine, False
+        assert engine.proc is not None
+        self.proc = engine.proc
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.engine.inflight -= 1
+            self.engine.last_used = time.monotonic()
+            self._manager._changed()
+
+
+class EngineManager:
+    def __init__(self, opts: EngineOptions, *, max_engines: int, wait_timeout: float,
+                 on_load: Callable[[str, float], None] | None = None,
+                 on_crash: Callable[[str], None] | None = None) -> None:
+        self.opts = opts
+        self.max_engines = max_engines
+        self.wait_timeout = wait_timeout
+        self._on_load, self._on_crash = on_load, on_crash
+        self.engines: dict[str, Engine] = {}
+        self._event = asyncio.Event()
+        self._closing = False
+        self._socket_tmp = tempfile.TemporaryDirectory(prefix="emo-engines-")
+        self.opts = EngineOptions(**{**opts.__dict__, "socket_dir": Path(self._socket_tmp.name)})
+        self._slots = 0
+        self._background: set[asyncio.Task] = set()
+
+    def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
+        """A fire-and-forget task that is kept referenced until it ends."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # -- registry of models --------------------------------------------------------------------
+    def register(self, model_id: str, model_dir: str) -> Engine:
+        engine = self.engines.get(model_id)
+        if engine is None:
+            engine = self.engines[model_id] = Engine(model_id, model_dir)
+        return engine
+
+    async def unregister(self, model_id: str, *, force: bool = False) -> None:
+        await self.unload(model_id, force=force)
+        self.engines.pop(model_id, None)
+
+    def get(self, model_id: str) -> Engine | None:
+        return self.engines.get(model_id)
+
+    @property
+    def loaded_count(self) -> int:
+        return sum(e.state is EngineState.READY for e in self.engines.values())
+
+    def _changed(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def _wait_change(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._event.wait(), remaining)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    # -- requests ------------------------------------------------------------------------------
+    async def acquire(self, model_id: str) -> Lease:
+        """Hold a ready engine for one request, starting it (and evicting an idle one) if needed;
+        waits at most `wait_timeout` for a start in progress."""
+        engine = self.engines.get(model_id)
+        if engine is None:
+            raise UnknownModel(model_id)
+        deadline = time.monotonic() + self.wait_timeout
+        engine.waiters += 1
+        try:
+            while True:
+                if self._closing:
+                    raise ModelUnavailable("the server is shutting down")
+                if self.engines.get(model_id) is not engine:
+                    raise UnknownModel(model_id)
+                if engine.state is EngineState.READY and engine.proc and engine.proc.alive:
+                    engine.inflight += 1
+                    engine.last_used = time.monotonic()
+                    return Lease(self, engine)
+                self._advance(engine)
+                if not await self._wait_change(deadline):
+                    raise ModelUnavailable(
+                        f"the model `{model_id}` is still loading after {self.wait_timeout:.0f} s; retry later")
+        finally:
+            engine.waiters -= 1
+
+    async def load(self, model_id: str, *, wait: bool = False) -> Engine:
+        """Start the model's engine if it is not resident (for `POST .../load` and preloading)."""
+        engine = self.engines.get(model_id)
+        if engine is None:
+            raise UnknownModel(model_id)
+        if wait:
+            (await self.acquire(model_id)).release()
+        elif engine.state is EngineState.FAILED:
+            engine.failed_at = 0.0  # an explicit load retries at once
+            self._advance(engine)
+        elif engine.state is not EngineState.READY:
+            self._advance(engine)
+        return engine
+
+    async def unload(self, model_id: str, *, force: bool = False) -> None:
+        engine = self.engines.get(model_id)
+        if engine is None:
+            raise UnknownModel(model_id)
+        if engine.inflight and not force:
+            raise ModelInUse(f"the model `{model_id}` has {engine.inflight} requests in flight; "
+                             "retry when they finish or pass force=true")
+        await self._stop(engine)
+
+    def _advance(self, engine: Engine) -> None:
+        """Move a non-ready engine towards ready: start it if a slot is free, else begin evicting
+        the least recently used idle engine. Raises if nothing can make progress."""
+        if engine.state in (EngineState.STARTING, EngineState.STOPPING):
+            return
+        if engine.state is EngineState.FAILED and time.monotonic() - engine.failed_at < FAILED_RETRY_SECONDS:
+            raise ModelUnavailable(engine.error or f"the engine of `{engine.model_id}` failed")
+        if engine.state is EngineState.READY:  # marked ready but its process is gone
+            engine.state = EngineState.STOPPED
+        resident = [e for e in self.engines.values() if e.resident]
+        if len(resident) < self.max_engines:
+            self._start(engine)
+            return
+        if any(e.state is EngineState.STOPPING for e in resident):
+            return  # a slot is being freed; wait for it
+        idle = [e for e in resident if e.state is EngineState.READY and not e.inflight and not e.waiters]
+        if not idle:
+            raise CapacityExhausted(
+                f"all {self.max_engines} engine slots are serving models with requests in flight; "
+                "retry later")
+        victim = min(idle, key=lambda e: e.last_used)
+        log.info("evicting least recently used engine", extra={"model": victim.model_id,
+                                                               "for_model": engine.model_id})
+        self._spawn(self._stop(victim))
+
+    def _start(self, engine: Engine) -> None:
+        self._slots += 1
+        engine.state = EngineState.STARTING
+        engine.error = None
+        engine.starts += 1
+        engine.proc = EngineProcess(engine.model_id, engine.model_dir, self.opts, self._slots)
+        engine.task = asyncio.create_task(self._run(engine, engine.proc))
+        self._changed()
+
+    async def _run(self, engine: Engine, proc: EngineProcess) -> None:
+        """Start `proc`, then watch it: an exit we did not ask for is a crash."""
+        t0 = time.monotonic()
+        try:
+            await proc.start()
+        except EngineStartError as exc:
+            log.error("engine failed to start", extra={"model": engine.model_id, "error": str(exc)})
+            await proc.stop()
+            if engine.proc is proc:
+                engine.state, engine.error, engine.failed_at = EngineState.FAILED, str(exc), time.monotonic()
+                engine.proc = None
+            self._changed()
+            return
+        except asyncio.CancelledError:
+            await proc.stop()
+            raise
+        seconds = time.monotonic() - t0
+        engine.state, engine.last_used = EngineState.READY, time.monotonic()
+        log.info("engine ready", extra={"model": engine.model_id, "pid": proc.pid, "seconds": round(seconds, 2)})
+        if self._on_load:
+            self._on_load(engine.model_id, seconds)
+        self._changed()
+        code = await proc.wait()
+        if engine.proc is proc and engine.state is EngineState.READY:
+            engine.crashes += 1
+            engine.state, engine.proc = EngineState.STOPPED, None
+            engine.error = f"the engine of `{engine.model_id}` exited with code {code}; it restarts on the next request"
+            log.error("engine crashed", extra={"model": engine.model_id, "code": code})
+            if self._on_crash:
+                self._on_crash(engine.model_id)
+            await proc.stop()  # reap leftover children and close the client
+            self._changed()
+
+    async def _stop(self, engine: Engine) -> None:
+        proc, task = engine.proc, engine.task
+        if engine.state is EngineState.STOPPING:
+            while engine.state is EngineState.STOPPING:
+                await self._wait_change(time.monotonic() + 60)
+            return
+        if proc is None:
+            if engine.state is EngineState.FAILED:
+                engine.state = EngineState.STOPPED
+            return
+        engine.state = EngineState.STOPPING
+        self._changed()
+        try:
+            if task is not None and task is not asyncio.current_task() and not task.done():
+                task.cancel()  # a start in progress, or the crash watcher
+            await proc.stop()
+        finally:
+            engine.state, engine.proc = EngineState.STOPPED, None
+            self._changed()
+
+    # -- shutdown ------------------------------------------------------------------------------
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Refuse new requests, let in-flight ones finish (bounded), then stop every engine."""
+        self._closing = True
+        self._changed()
+        deadline = time.monotonic() + drain_timeout
+        while any(e.inflight for e in self.engines.values()):
+            if not await self._wait_change(deadline):
+                break
+        await asyncio.gather(*(self._stop(e) for e in list(self.engines.values())), return_exceptions=True)
+        self._socket_tmp.cleanup()
+
+    def kill_all(self) -> None:
+        """Synchronous last resort for interpreter exit."""
+        for e in self.engines.values():
+            if e.proc is not None:
+                e.proc.kill_now()

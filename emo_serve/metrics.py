@@ -1,0 +1,44 @@
+"""Prometheus metrics of the front end. Each app gets its own registry, so several servers in
+one process (tests) don't collide; `/metrics` renders it in the text exposition format."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("emo_requests", "Model requests by model, endpoint and HTTP status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("emo_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("emo_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("emo_time_to_first_token_seconds", "Time to the first streamed token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("emo_e2e_request_latency_seconds", "Request latency, end to end",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.engines_loaded = Gauge("emo_engines_loaded", "vLLM engines resident and healthy", registry=r)
+        self.engine_load = Histogram("emo_engine_load_seconds", "Seconds from spawning an engine to healthy",
+                                     ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.engine_crashes = Counter("emo_engine_crashes", "Engines that exited unexpectedly",
+                                      ["model"], registry=r)
+        self.profiling = Histogram("emo_subset_profiling_seconds", "Seconds to profile and write a subset",
+                                   ["method"], buckets=LOAD_BUCKETS, registry=r)
+
+    def observe_usage(self, model: str, usage: dict | None) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            self.prompt_tokens.labels(model).inc(prompt)
+        if isinstance(completion, int):
+            self.generation_tokens.labels(model).inc(completion)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
