@@ -78,6 +78,12 @@ def tensor_specs(config: dict[str, Any]) -> list[TensorSpec]:
             TensorSpec(f"{p}.self_attn.k_proj.weight", dt, (cfg.kv_heads * hd, h)),
             TensorSpec(f"{p}.self_attn.v_proj.weight", dt, (cfg.kv_heads * hd, h)),
             TensorSpec(f"{p}.self_attn.o_proj.weight", dt, (h, cfg.num_attention_heads * hd)),
+        ]
+        if cfg.attention_bias:
+            specs += [TensorSpec(f"{p}.self_attn.{x}_proj.bias", dt, (heads * hd,))
+                      for x, heads in zip("qkv", (cfg.num_attention_heads, cfg.kv_heads, cfg.kv_heads))]
+            specs.append(TensorSpec(f"{p}.self_attn.o_proj.bias", dt, (h,)))
+        specs += [
             TensorSpec(f"{p}.pre_attention_layernorm.weight", dt, (h,)),
             TensorSpec(f"{p}.pre_feedforward_layernorm.weight", dt, (h,)),
         ]
