@@ -24,7 +24,8 @@ from .checkpoint import Checkpoint
 from .errors import EmoServeError, SubsetError
 from .examples import Example
 from .export import materialize_subset
-from .subset import MANIFEST_FILE, SubsetSpec, subset_sizes, validate_name
+from .config import EmoConfig
+from .subset import MANIFEST_FILE, SubsetSpec, routed_ids, subset_sizes, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ class SizeSelection:
         if self.sizes is not None:
             raise SubsetError("method 'layerwise' needs `size` or `fraction`, not per-layer `sizes`")
         return self.size if self.size is not None else self.fraction
+
+    def check(self, cfg: EmoConfig) -> None:
+        """Raise SubsetError unless every layer of `cfg` can keep this many routed experts."""
+        from .profiler import resolve_sizes
+
+        counts = [len(routed_ids(cfg, i)) if cfg.experts_per_layer[i] else 0 for i in range(cfg.num_hidden_layers)]
+        resolve_sizes(counts, size=self.size, fraction=self.fraction, sizes=self.sizes)
 
     def select(self, scores: Any, name: str, ckpt: Checkpoint) -> SubsetSpec:
         return scores.to_subset(self.size, fraction=self.fraction, sizes=self.sizes, name=name,

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+         413: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
          503: "service_unavailable_error"}
 
 

@@ -35,5 +35,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router, dependencies=[ApiKey])
     app.include_router(subsets.router, dependencies=[ApiKey])
     app.include_router(health.router)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
+                       max_header_bytes=settings.max_header_bytes)
     return app

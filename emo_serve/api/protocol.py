@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import SubsetError
 from ..profiler import METHODS
+from ..subset import validate_name
 
 NAME_FIELD = Field(min_length=1, max_length=64, description="subset name: also its model id")
 
@@ -132,6 +134,14 @@ class SubsetCreate(BaseModel):
     max_tokens_per_example: int = Field(512, ge=1, le=8192)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     load: bool = Field(False, description="start the subset's engine as soon as it is ready")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return validate_name(v)
+        except SubsetError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _one_way(self) -> "SubsetCreate":

@@ -246,6 +246,7 @@ class EmoService:
                                   f"{s.max_example_chars} are allowed")
         selection = SizeSelection(size=req.size, fraction=req.fraction,
                                   sizes=tuple(req.sizes) if req.sizes is not None else None)
+        selection.check(self.base.config)  # a size the base can't have is a 400 now, not a failure later
         if req.method == "layerwise":
             selection.layerwise_size()  # raises now, not in the worker, if it can't be done
         device = s.device if s.device != "auto" else ("cuda" if engine_platform() == "cuda" else "cpu")

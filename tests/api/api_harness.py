@@ -1,0 +1,144 @@
+"""Helpers of the API tests: start a real `emo-serve serve` process (the CLI, uvicorn, and its
+vLLM engine children) on 127.0.0.1, talk to it, stop it and check that no child outlived it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-api-key"
+ADMIN_KEY = "test-admin-key"
+CLI = [sys.executable, "-c", "import sys; from emo_serve.cli import main; sys.exit(main())"]
+START_SECONDS = 120  # front end up (torch import, checkpoint headers); engines come later
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (engines and their engine-core/worker children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Server:
+    """A running `emo-serve serve` process."""
+
+    proc: subprocess.Popen
+    url: str
+    state_dir: Path
+    log_path: Path
+    headers: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {ADMIN_KEY}"})
+
+    def client(self, key: str | None = ADMIN_KEY, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 600), **kw)
+
+    def openai(self, key: str = API_KEY, **kw):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=kw.pop("timeout", 600), **kw)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}) waiting for {what}:\n{self.log()[-4000:]}")
+            if check():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.log()[-4000:]}")
+
+    def wait_ready(self, timeout: float = 900) -> None:
+        def ok() -> bool:
+            try:
+                return httpx.get(f"{self.url}/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+        self.wait_until(ok, timeout, "/ready")
+
+    def stop(self) -> set[int]:
+        """SIGTERM and wait; returns the processes below the server that outlived it."""
+        below = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p) for p in below):
+            time.sleep(0.2)
+        left = {p for p in below if alive(p)}
+        for p in left:  # never leave strays to the rest of the session, even when the test fails
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return left
+
+
+def start_server(model: Path | None, state_dir: Path, log_path: Path, *args: str,
+                 env: dict[str, str] | None = None, keys: bool = True) -> Server:
+    port = free_port()
+    cmd = [*CLI, "serve", "--port", str(port), "--state-dir", str(state_dir)]
+    if model is not None:
+        cmd += ["--model", str(model)]
+    if keys:
+        cmd += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
+    full_env = {**os.environ, **(env or {})}
+    logf = open(log_path, "ab")
+    proc = subprocess.Popen([*cmd, *args], stdout=logf, stderr=subprocess.STDOUT, env=full_env)
+    logf.close()
+    server = Server(proc, f"http://127.0.0.1:{port}", state_dir, log_path)
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        server.wait_until(up, START_SECONDS, "/health")
+    except BaseException:
+        server.stop()
+        raise
+    return server
