@@ -51,7 +51,7 @@ def resolve_location(location: str | os.PathLike[str]) -> str:
 
 @dataclass(frozen=True)
 class ReadStats:
-    """Bytes and requests spent on tensor data (headers are counted in `Checkpoint.header_bytes`)."""
+    """Bytes and requests spent on tensor data (metadata is counted in `Checkpoint.header_bytes`)."""
 
     bytes_read: int = 0
     requests: int = 0
@@ -67,7 +67,7 @@ class Checkpoint:
         except (ImportError, ValueError) as exc:
             raise CheckpointError(f"{self.location}: cannot open ({exc})") from None
         self.root = self.root.rstrip("/")
-        self.header_bytes = 0
+        self.header_bytes = 0  # metadata read: config, index, shard headers, fingerprint sample
         self.stats = ReadStats()
         self.raw_config: dict[str, Any] = self._read_json(CONFIG_FILE)
         self.config = EmoConfig.from_dict(self.raw_config, source=self._where(CONFIG_FILE))
@@ -89,15 +89,24 @@ class Checkpoint:
 
     def read_file(self, name: str) -> bytes:
         """A whole small file of the checkpoint (config, tokenizer)."""
+        data = self._read_optional(name)
+        if data is None:
+            raise CheckpointError(f"{self._where(name)}: file not found")
+        return data
+
+    def _read_optional(self, name: str) -> bytes | None:
+        """A whole file, or None if it does not exist (one request, where `exists` + read is two)."""
         try:
             return bytes(self.fs.cat_file(self.path(name)))
         except FileNotFoundError:
-            raise CheckpointError(f"{self._where(name)}: file not found") from None
+            return None
         except OSError as exc:
             raise CheckpointError(f"{self._where(name)}: cannot read ({exc})") from None
 
-    def _read_json(self, name: str) -> dict[str, Any]:
-        raw = self.read_file(name)
+    def _read_json(self, name: str, raw: bytes | None = None) -> dict[str, Any]:
+        """A metadata JSON file (counted in `header_bytes`)."""
+        raw = self.read_file(name) if raw is None else raw
+        self.header_bytes += len(raw)
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -110,11 +119,16 @@ class Checkpoint:
 
     # -- headers -------------------------------------------------------------------------------
     def _read_tensor_table(self) -> dict[str, TensorInfo]:
-        if self.exists(INDEX_FILE):
-            index = self._read_json(INDEX_FILE)
+        raw_index = self._read_optional(INDEX_FILE)
+        if raw_index is not None:
+            index = self._read_json(INDEX_FILE, raw_index)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{self._where(INDEX_FILE)}: missing or empty 'weight_map'")
+            for shard in weight_map.values():
+                if (not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith(".")
+                        or not shard.endswith(".safetensors")):
+                    raise CheckpointError(f"{self._where(INDEX_FILE)}: invalid shard name {shard!r}")
             shards = sorted(set(weight_map.values()))
         elif self.exists(SINGLE_FILE):
             weight_map, shards = None, [SINGLE_FILE]
@@ -125,8 +139,6 @@ class Checkpoint:
             )
         table: dict[str, TensorInfo] = {}
         for shard in shards:
-            if "/" in shard or shard.startswith(".") or not shard.endswith(".safetensors"):
-                raise CheckpointError(f"{self._where(INDEX_FILE)}: invalid shard name {shard!r}")
             for name, info in self._read_header(shard).items():
                 if weight_map is None or weight_map.get(name) == shard:
                     table[name] = info

@@ -24,12 +24,12 @@ from .files import atomic_write_text
 
 SUBSET_FORMAT = "emo-subset/v1"
 MANIFEST_FILE = "subset.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" allows a trailing newline
 
 
 def validate_name(name: str) -> str:
     """A subset name is a file name in the state dir and a model id: no paths, no dot-dot."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise SubsetError(
             f"invalid subset name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
             "starting with a letter or digit, without '..'"
@@ -179,6 +179,10 @@ def make_subset(ckpt: Checkpoint, routed: list[list[int]], name: str,
     cfg = ckpt.config
     if len(routed) != cfg.num_hidden_layers:
         raise SubsetError(f"expert lists for {len(routed)} layers, the base has {cfg.num_hidden_layers}")
+    for layer, ids in enumerate(routed):
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if list(ids).count(i) > 1})
+            raise SubsetError(f"layer {layer}: duplicate expert ids {dup}")
     experts = [
         sorted(set(ids) | set(shared_ids(cfg, i))) if cfg.experts_per_layer[i] else []
         for i, ids in enumerate(routed)
