@@ -128,9 +128,9 @@ def test_task_pod_starts_with_its_subset_preloaded(task: str, per_task_resources
     try:
         service.prepare()
     except Exception as exc:  # most likely: the embedded demo model changed; say how to remake
-        pytest.fail(f"{exc}\nRemake the example: cd {K8S_PER_TASK.relative_to(REPO)}/{task} && "
-                    "emo-serve profile --base <state-dir>/models/emo-demo --examples examples.jsonl "
-                    f"--size 4 --method usage --name {task} -o subset.json")
+        script = (K8S_PER_TASK / "remake-subsets.sh").relative_to(REPO)
+        pytest.fail(f"{exc}\nIf the embedded demo model changed, remake the example manifests: "
+                    f"PATH=$PWD/.venv/bin:$PATH bash {script}")
     records = service.registry.records
     assert {name: r.state.value for name, r in records.items()} == {task: "ready"}
     assert (records[task].model_dir / "config.json").is_file()  # what the engine would load
