@@ -97,6 +97,12 @@ class EmoConfig(BaseModel):
             raise ValueError("num_attention_heads is not a multiple of num_key_value_heads")
         if self.num_experts_per_tok < 1:
             raise ValueError("num_experts_per_tok must be >= 1")
+        # Per-layer counts may fall below these (pruned layers cap them); the global ones may not.
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} exceeds num_experts {self.num_experts}")
+        if not 0 <= self.num_shared_experts <= self.num_experts:
+            raise ValueError(f"num_shared_experts {self.num_shared_experts} is not in 0..num_experts "
+                             f"({self.num_experts})")
         if any(c < 0 for c in self.experts_per_layer):
             raise ValueError("num_experts_per_layer entries must be >= 0")
         if any(c == 0 for c in self.experts_per_layer) and not self.dense_intermediate_size:
@@ -113,10 +119,7 @@ class EmoConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
-            )
-            raise ConfigError(f"{source}: {details}") from None
+            raise ConfigError(f"{source}: {validation_details(exc)}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -165,3 +168,13 @@ class EmoConfig(BaseModel):
 
     def moe_layers(self) -> list[int]:
         return [i for i, c in enumerate(self.experts_per_layer) if c > 0]
+
+
+def validation_details(exc: ValidationError) -> str:
+    """pydantic's errors as `key: message; ...`, without its "Value error, " noise."""
+    parts = []
+    for e in exc.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .checkpoint import Checkpoint
-from .config import EmoConfig
+from .config import EmoConfig, validation_details
 from .errors import SubsetError
 from .files import atomic_write_text
 
@@ -94,10 +94,7 @@ class SubsetSpec(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()
-            )
-            raise SubsetError(f"{source}: {details}") from None
+            raise SubsetError(f"{source}: {validation_details(exc)}") from None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -195,7 +192,7 @@ def make_subset(ckpt: Checkpoint, routed: list[list[int]], name: str,
             provenance=provenance or Provenance(),
         )
     except ValidationError as exc:
-        raise SubsetError("; ".join(e["msg"] for e in exc.errors())) from None
+        raise SubsetError(validation_details(exc)) from None
     spec.check_against(ckpt)
     return spec
 
