@@ -250,7 +250,9 @@ class Checkpoint:
                 data = self._read_range(chunk[0].shard, chunk[0].start, chunk[-1].end)
                 for info in chunk:
                     yield info.name, _tensor_view(data, info, info.start - chunk[0].start)
-                bar.update(len(data))
+                n = len(data)
+                del data  # let the chunk go before the next is read (consumers drop their views too)
+                bar.update(n)
 
     def _read_range(self, shard_where: str, start: int, end: int) -> bytearray:
         data = self._fetch_checked(shard_where, start, end)

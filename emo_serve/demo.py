@@ -159,6 +159,7 @@ def write_sharded(out_dir: Path, groups: list[list[TensorSpec]], tensors: Iterat
                 for spec in group:
                     got_name, tensor = next(tensors)
                     writer.write(got_name, tensor)
+                    del tensor  # may view a read buffer: don't pin it while the next one is read
                     weight_map[spec.name] = name
                     bar.update(spec.nbytes)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

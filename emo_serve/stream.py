@@ -87,13 +87,18 @@ def iter_subset_tensors(ckpt: Checkpoint, spec: SubsetSpec, *, progress: str | N
     plan = plan_subset(ckpt, spec)
     owner = {src.name: out for out in plan for src in out.sources}
     pieces: dict[str, list[torch.Tensor]] = {}
+    # Tensors are views of the chunk just read; holding one while the next chunk is read would
+    # keep two chunks in memory, so references are dropped as soon as they are handed on, and
+    # router row runs (a few kB each, possibly from different chunks) are copied.
     for src_name, tensor in ckpt.read_infos([s for t in plan for s in t.sources], progress=progress):
         out = owner[src_name]
         if len(out.sources) == 1:
             yield out.name, tensor
+            del tensor
             continue
         got = pieces.setdefault(out.name, [])
-        got.append(tensor)
+        got.append(tensor.clone())
+        del tensor
         if len(got) == len(out.sources):
             del pieces[out.name]
             yield out.name, torch.cat(got, dim=0)
