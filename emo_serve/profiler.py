@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,8 +32,8 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 from tqdm.auto import tqdm
 
 from . import reference
-from .checkpoint import Checkpoint
-from .config import EmoConfig
+from .checkpoint import Checkpoint, coalesce, layer_tensor_names
+from .config import EmoConfig, LayerRouting
 from .errors import EmoServeError, SubsetError
 from .examples import Example, Source, load_examples, tokenize_examples
 from .files import atomic_write_text
@@ -210,6 +211,55 @@ def _easy_ep(w: reference.LayerWeights, h: torch.Tensor, routing: reference.Rout
     return routing.weights * norms * change[:, None]
 
 
+class _ReadAhead:
+    """Reads a local checkpoint's next layer in a background thread into a small reused buffer,
+    so its bytes are in the OS page cache when the layer is loaded and disk reads overlap the
+    current layer's compute. The page cache is not process memory: no second layer is held in
+    RAM. (`posix_fadvise(WILLNEED)` would be simpler, but Linux caps it at the readahead window.)
+    Remote bases are read on demand as usual."""
+
+    CHUNK = 8 * 1024 * 1024
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.ckpt = ckpt
+        self.enabled = isinstance(ckpt.fs, LocalFileSystem)
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, layer: int) -> None:
+        if not self.enabled or layer >= self.ckpt.config.num_hidden_layers:
+            return
+        self.close()
+        self.stop.clear()
+        names = layer_tensor_names(self.ckpt.config, layer)
+        runs = [(self.ckpt.path(r[0].shard.rsplit("/", 1)[-1]), r[0].start, r[-1].end)
+                for r in coalesce(self.ckpt.tensors[n] for n in names)]
+        self.thread = threading.Thread(target=self._read, args=(runs,), name="emo-read-ahead", daemon=True)
+        self.thread.start()
+
+    def _read(self, runs: list[tuple[str, int, int]]) -> None:
+        buf = bytearray(self.CHUNK)
+        for path, start, end in runs:
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(start)
+                    while start < end and not self.stop.is_set():
+                        n = f.readinto(memoryview(buf)[: min(self.CHUNK, end - start)])
+                        if not n:
+                            break
+                        start += n
+            except OSError:
+                return  # only a hint: the real read reports any error
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            self.thread = None
+
+
 def _mask(cfg: EmoConfig, layer: int, ids: Sequence[int], device: torch.device) -> torch.Tensor:
     mask = torch.zeros(cfg.experts_per_layer[layer], dtype=torch.bool)
     mask[list(ids)] = True
@@ -300,6 +350,26 @@ def _all_examples(examples: Source) -> bool:
             and all(isinstance(e, Example) for e in examples))
 
 
+def _score_hook(method: str, tally: _Tally, w: reference.LayerWeights,
+                layer_routing: LayerRouting) -> reference.RoutingHook:
+    """The hook that adds one sequence's per-token scores of a layer to `tally`."""
+    if method == "layerwise":
+        def layerwise(layer: int, h: torch.Tensor, _: reference.Routing) -> None:
+            # The layer ran restricted to a cheap probe (see `_probe_ids`); score its full routing.
+            full = reference.route(F.linear(h, w["gate"]), layer_routing)
+            tally.add(layer, full.probs, full)
+        return layerwise
+    per_token: Callable[[torch.Tensor, reference.Routing], torch.Tensor] = {
+        "usage": lambda h, r: r.probs,
+        "frequency": lambda h, r: (r.weights > 0).double(),
+        "easy_ep": lambda h, r: _easy_ep(w, h, r),
+    }[method]
+
+    def hook(layer: int, h: torch.Tensor, routing: reference.Routing) -> None:
+        tally.add(layer, per_token(h, routing), routing)
+    return hook
+
+
 def _run_layers(ckpt: Checkpoint, sequences: list[torch.Tensor], method: str, tally: _Tally,
                 dtype: torch.dtype, device: torch.device, sizes: list[int] | None,
                 routed: list[list[int]], progress: bool) -> list[list[int]] | None:
@@ -307,39 +377,29 @@ def _run_layers(ckpt: Checkpoint, sequences: list[torch.Tensor], method: str, ta
     cfg = ckpt.config
     hidden = reference.embed(ckpt, sequences, dtype=dtype, device=device)
     kept: list[list[int]] = []
-    bar = tqdm(range(cfg.num_hidden_layers), desc=f"profiling ({method})", unit="layer",
-               disable=not progress, leave=False)
-    for layer in bar:
-        w = reference.load_layer(ckpt, layer, dtype=dtype, device=device)
-        hook: Callable[[int, torch.Tensor, reference.Routing], None]
-        if cfg.layer_routing(layer).is_dense:
-            hidden = [reference.decoder_layer(x, w, cfg, layer) for x in hidden]
-            kept.append([])
-        elif method == "layerwise":
-            assert sizes is not None
+    read_ahead = _ReadAhead(ckpt)
+    try:
+        for layer in tqdm(range(cfg.num_hidden_layers), desc=f"profiling ({method})", unit="layer",
+                          disable=not progress, leave=False):
+            read_ahead.close()  # normally long done; else this layer's own read takes over
+            w = reference.load_layer(ckpt, layer, dtype=dtype, device=device)
+            read_ahead.start(layer + 1)
             r = cfg.layer_routing(layer)
-
-            def hook(i: int, h: torch.Tensor, _: reference.Routing) -> None:
-                full = reference.route(F.linear(h, w["gate"]), r)  # this layer unrestricted
-                tally.add(i, full.probs, full)
-
-            probe = _mask(cfg, layer, _probe_ids(cfg, layer), device)
-            for x in hidden:
-                reference.decoder_layer(x, w, cfg, layer, probe, hook)
-            choice = sorted(sorted(routed[layer], key=lambda e: (-float(tally.sums[layer][e]), e))[:sizes[layer]])
-            kept.append(choice)
-            mask = _mask(cfg, layer, choice + shared_ids(cfg, layer), device)
-            hidden = [reference.decoder_layer(x, w, cfg, layer, mask) for x in hidden]
-        else:
-            if method == "easy_ep":
-                def hook(i: int, h: torch.Tensor, routing: reference.Routing) -> None:
-                    tally.add(i, _easy_ep(w, h, routing), routing)
-            elif method == "frequency":
-                def hook(i: int, h: torch.Tensor, routing: reference.Routing) -> None:
-                    tally.add(i, (routing.weights > 0).to(torch.float64), routing)
+            hook = None if r.is_dense else _score_hook(method, tally, w, r)
+            if method == "layerwise" and not r.is_dense:
+                assert sizes is not None
+                probe = _mask(cfg, layer, _probe_ids(cfg, layer), device)
+                for x in hidden:
+                    reference.decoder_layer(x, w, cfg, layer, probe, hook)
+                sums = tally.sums[layer].tolist()
+                choice = sorted(sorted(routed[layer], key=lambda e: (-sums[e], e))[: sizes[layer]])
+                kept.append(choice)
+                mask = _mask(cfg, layer, choice + shared_ids(cfg, layer), device)
+                hidden = [reference.decoder_layer(x, w, cfg, layer, mask) for x in hidden]
             else:
-                def hook(i: int, h: torch.Tensor, routing: reference.Routing) -> None:
-                    tally.add(i, routing.probs, routing)
-            hidden = [reference.decoder_layer(x, w, cfg, layer, None, hook) for x in hidden]
-        del w  # only one layer's weights are ever resident
+                kept.append([])
+                hidden = [reference.decoder_layer(x, w, cfg, layer, None, hook) for x in hidden]
+            del w, hook  # only one layer's weights are ever resident
+    finally:
+        read_ahead.close()
     return kept if method == "layerwise" else None
