@@ -187,3 +187,13 @@ def test_resolve_location(tmp_path: Path) -> None:
     assert resolve_location("allenai/Emo_1b14b_1T") == "hf://allenai/Emo_1b14b_1T"
     assert resolve_location("http://h/x") == "http://h/x"
     assert resolve_location("/not/there") == "/not/there"
+
+
+def test_unreachable_remote_locations_name_the_file(range_server) -> None:
+    from emo_serve.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"^http://127\.0\.0\.1:\d+/no-such-ckpt/config\.json: file not found"):
+        Checkpoint(range_server.url("no-such-ckpt"))
+    # The Hub is unreachable here (HF_HUB_OFFLINE=1): a bare Hub id fails with a clear error too.
+    with pytest.raises(CheckpointError, match=r"^hf://allenai/Emo_1b14b_1T/config\.json: cannot read"):
+        Checkpoint("allenai/Emo_1b14b_1T")
