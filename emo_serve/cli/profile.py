@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-per-example", type=positive_int, default=512, metavar="N",
                    help="truncate longer examples (recorded as a warning in the output; default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--folds", type=positive_int, default=5,
+                   help="cross-validation folds of --max-loss-increase/--budget (default 5; 1 = in-sample)")
     p.add_argument("--name", help="subset name (default: <examples file stem>-<method>)")
     p.add_argument("-o", "--output", required=True, type=Path, help="subset manifest to write")
     p.add_argument("--scores", type=Path, help="also write the full score table (JSON)")
@@ -44,6 +46,38 @@ def add_size_arguments(group: argparse._MutuallyExclusiveGroup) -> None:
     group.add_argument("--size", type=positive_int, metavar="K", help="routed experts kept per layer")
     group.add_argument("--fraction", type=fraction, metavar="F",
                        help="share of each layer's routed experts kept, in (0, 1]")
+    group.add_argument("--max-loss-increase", type=non_negative_float, metavar="R",
+                       help="smallest size whose perplexity rises by at most R (0.05 = +5%%), "
+                       "estimated by k-fold over the examples (in-sample with one example)")
+    group.add_argument("--budget", type=positive_int, metavar="N",
+                       help="N routed experts summed over layers, allocated greedily by marginal loss")
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def run_auto_sized(args: argparse.Namespace, name: str) -> int:
+    """--max-loss-increase / --budget: `sizing.auto_subset` profiles, measures and sizes."""
+    from ..sizing import auto_subset
+
+    spec = auto_subset(args.base, args.examples, name=name, max_loss_increase=args.max_loss_increase,
+                       budget=args.budget, method=args.method, folds=args.folds, device=args.device,
+                       dtype=args.dtype, max_tokens_per_example=args.max_tokens_per_example, seed=args.seed,
+                       progress=not args.quiet)
+    quality = spec.provenance.details["quality"]
+    log.info("sizes %s: perplexity %+.1f%%, next-token accuracy %+.1f points (%s, %d examples)",
+             quality["sizes"], 100 * quality["relative_change"], quality["accuracy_change"],
+             quality["estimate"], quality["examples"])
+    spec.save(args.output)
+    print(args.output)
+    return 0
 
 
 def subset_size(args: argparse.Namespace) -> dict[str, object]:
@@ -67,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     from ..subset import routed_ids, validate_name
 
     name = validate_name(args.name) if args.name else default_name(args.examples, args.method)
+    if args.max_loss_increase is not None or args.budget is not None:
+        if args.scores or args.plot:
+            raise ValueError("--scores/--plot are not available with --max-loss-increase/--budget")
+        return run_auto_sized(args, name)
     examples = load_examples(args.examples)
     ckpt = Checkpoint(args.base)
     cfg = ckpt.config
