@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .process import EngineOptions, EngineProcess, EngineStartError
+from .process import STOP_GRACE_SECONDS, EngineOptions, EngineProcess, EngineStartError
 
 log = logging.getLogger(__name__)
 
 FAILED_RETRY_SECONDS = 10.0  # after a failed start, requests fail fast for this long, then retry
+FORCED_STOP_GRACE = 2.0
 
 
 class EngineState(str, Enum):
@@ -199,7 +200,8 @@ class EngineManager:
         if engine.inflight and not force:
             raise ModelInUse(f"the model `{model_id}` has {engine.inflight} requests in flight; "
                              "retry when they finish or pass force=true")
-        await self._stop(engine)
+        # Forced: vLLM would finish its streams before exiting on SIGTERM; don't wait for that.
+        await self._stop(engine, grace=FORCED_STOP_GRACE if engine.inflight else STOP_GRACE_SECONDS)
 
     def _advance(self, engine: Engine) -> None:
         """Move a non-ready engine towards ready: start it if a slot is free, else begin evicting
@@ -268,7 +270,7 @@ class EngineManager:
             await proc.stop()  # reap leftover children and close the client
             self._changed()
 
-    async def _stop(self, engine: Engine) -> None:
+    async def _stop(self, engine: Engine, grace: float = STOP_GRACE_SECONDS) -> None:
         proc, task = engine.proc, engine.task
         if engine.state is EngineState.STOPPING:
             while engine.state is EngineState.STOPPING:
@@ -283,7 +285,7 @@ class EngineManager:
         try:
             if task is not None and task is not asyncio.current_task() and not task.done():
                 task.cancel()  # a start in progress, or the crash watcher
-            await proc.stop()
+            await proc.stop(grace)
         finally:
             engine.state, engine.proc = EngineState.STOPPED, None
             self._changed()
@@ -297,7 +299,8 @@ class EngineManager:
         while any(e.inflight for e in self.engines.values()):
             if not await self._wait_change(deadline):
                 break
-        await asyncio.gather(*(self._stop(e) for e in list(self.engines.values())), return_exceptions=True)
+        await asyncio.gather(*(self._stop(e, grace=FORCED_STOP_GRACE if e.inflight else STOP_GRACE_SECONDS)
+                               for e in list(self.engines.values())), return_exceptions=True)
         self._socket_tmp.cleanup()
 
     def kill_all(self) -> None:

@@ -21,6 +21,21 @@ CLI = [sys.executable, "-c", "import sys; from emo_serve.cli import main; sys.ex
 START_SECONDS = 120  # front end up (torch import, checkpoint headers); engines come later
 
 
+EXAMPLES = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n",
+            "import os\nprint(os.getcwd())\n"]
+
+
+def assert_error(r: httpx.Response, status: int, *, param: str | None = None, contains: str = "") -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    assert contains in body["error"]["message"], body
+    return body["error"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,3 +157,26 @@ def start_server(model: Path | None, state_dir: Path, log_path: Path, *args: str
         server.stop()
         raise
     return server
+
+
+def engine_of(server: Server, model: str) -> dict:
+    with server.client() as c:
+        return next(e for e in c.get("/v1/engines").json()["data"] if e["model"] == model)
+
+
+def engine_metrics(server: Server, model: str) -> dict[str, float]:
+    """vLLM's own Prometheus metrics of `model`'s engine (read over its private socket), summed
+    over labels: sample name -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sock = engine_of(server, model)["socket"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://engine", timeout=30) as c:
+        text = c.get("/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name
+            if "finished_reason" in sample.labels:
+                key += ":" + sample.labels["finished_reason"]
+            out[key] = out.get(key, 0.0) + sample.value
+    return out

@@ -15,22 +15,7 @@ import httpx
 import openai
 import pytest
 
-from api_harness import ADMIN_KEY, API_KEY, Server
-
-EXAMPLES = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n",
-            "import os\nprint(os.getcwd())\n"]
-
-
-def assert_error(r: httpx.Response, status: int, *, param: str | None = None, contains: str = "") -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if param is not None:
-        assert body["error"]["param"] == param, body
-    assert contains in body["error"]["message"], body
-    return body["error"]
-
+from api_harness import ADMIN_KEY, API_KEY, EXAMPLES, Server, assert_error
 
 @pytest.fixture(scope="module")
 def admin(frontend: Server) -> httpx.Client:
