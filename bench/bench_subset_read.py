@@ -144,7 +144,7 @@ def measure(ckpt: Path, side: str, size: int, seed: int, work: Path, mem_cap: in
     out = work / f"{side}-{size}-{seed}"
     cmd = [sys.executable, __file__, "--child", side, "--ckpt", str(ckpt), "--size", str(size),
            "--seed", str(seed), "--out", str(out)]
-    if mem_cap and side != "ours":
+    if mem_cap and side == "naive":
         cmd = ["prlimit", f"--as={mem_cap}", *cmd]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -186,7 +186,8 @@ def main() -> None:
     p.add_argument("--sizes", default="8,16,32,64,128", help="experts kept per layer, shared included")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sides", default="ours,naive,mmap", help="which of ours, naive, mmap to run")
-    p.add_argument("--naive-mem-cap", type=int, help="run the naive side under `prlimit --as=BYTES`")
+    p.add_argument("--naive-mem-cap", type=int, help="run the naive side under `prlimit --as=BYTES` (so a "
+                   "model larger than RAM fails cleanly instead of pushing the machine into OOM)")
     p.add_argument("--work", type=Path, help="where exports are written (default: a temp dir beside --ckpt)")
     p.add_argument("--child", choices=sorted(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
