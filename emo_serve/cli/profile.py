@@ -97,7 +97,7 @@ def default_name(examples: Path, method: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import Checkpoint
     from ..examples import load_examples
-    from ..profiler import profile, resolve_sizes
+    from ..profiler import profile, release_memory_eagerly, resolve_sizes
     from ..subset import routed_ids, validate_name
 
     name = validate_name(args.name) if args.name else default_name(args.examples, args.method)
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     size = subset_size(args)
     # Check the size before the (possibly long) forward pass, not after it.
     resolve_sizes([len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)], **size)
+    release_memory_eagerly()  # a one-shot process: return each dropped layer to the OS at once
     scores = profile(ckpt, examples, method=args.method, device=args.device, dtype=args.dtype,
                      max_tokens_per_example=args.max_tokens_per_example, seed=args.seed,
                      layerwise_size=next(iter(size.values())), progress=not args.quiet)
