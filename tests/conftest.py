@@ -106,14 +106,15 @@ def _handler(server: RangeServer) -> type[BaseHTTPRequestHandler]:
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.end_headers()
-            n = 0
+            data = b""
             if send_body:
                 with open(path, "rb") as f:
                     f.seek(start)
                     data = f.read(end - start)
+            # Count before sending, so a client that has its bytes always sees them counted.
+            server.record(self.command, self.path, rng, len(data))
+            if data:
                 self.wfile.write(data)
-                n = len(data)
-            server.record(self.command, self.path, rng, n)
 
         def do_GET(self) -> None:
             self._send(True)

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (EmoServeError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (EmoServeError, OSError, ValueError) as exc:
         print(f"emo-serve {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
