@@ -44,14 +44,20 @@ class EngineRun:
     log: str
 
 
-def run_engine(model: Path, work: Path, prompts: list[list[int]] = PROMPTS) -> EngineRun:
+def engine_process(model: Path, work: Path, prompts: list[list[int]] = PROMPTS
+                   ) -> subprocess.CompletedProcess[str]:
     """Start a vLLM engine on `model` in a fresh interpreter, generate greedily, stop it."""
     work.mkdir(parents=True, exist_ok=True)
     job = {"model": str(model), "prompts": prompts, "max_tokens": MAX_TOKENS,
            "out": str(work / "result.json")}
     (work / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, str(ENGINE_JOB), str(work / "job.json")], cwd=work,
+    return subprocess.run([sys.executable, str(ENGINE_JOB), str(work / "job.json")], cwd=work,
                           env=engine_env(), capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
+
+
+def run_engine(model: Path, work: Path, prompts: list[list[int]] = PROMPTS) -> EngineRun:
+    """`engine_process` that must succeed; its results parsed."""
+    proc = engine_process(model, work, prompts)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         pytest.fail(f"engine on {model} exited with {proc.returncode}:\n{log[-6000:]}")
