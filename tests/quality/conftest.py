@@ -13,10 +13,21 @@ such a change costs likelihood whatever text the tokenizer makes of them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """These tests run many small forward passes: with two threads on a busy 2-core machine the
+    second thread mostly waits at barriers (10x slower here), so use one, and restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 PROMPTS = ["def main():", "The licence", "12 + 7 =", "Copyright (C)", "import os", "The quick brown fox"]
 
