@@ -36,8 +36,8 @@ EXAMPLES = [
     "for i in range(10):\n    print(i * i)\n",
     "import os\nprint(os.getcwd())\n",
     "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n",
-    {"messages": [{"role": "user", "content": "sort a list"}, {"role": "assistant", "content": "sorted(xs)"}]},
-]
+    "def mean(xs):\n    return sum(xs) / len(xs)\n",
+]  # plain text: the emo-1b14b demo checkpoint ships no chat template
 PROMPT = "def fibonacci(n):\n    "
 ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "512"]
 
@@ -203,6 +203,75 @@ def compare(args: argparse.Namespace, model: str, work: Path) -> None:
         print(f"| {key} | {md:.1f} ({min(d):.1f}-{max(d):.1f}) | {mf:.1f} ({min(f):.1f}-{max(f):.1f}) | {diff} |")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def paired_run(url: str, socket_path: str, model: str, pairs: int, max_tokens: int,
+                     pids: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Requests alternate between the front end and its engine's own socket (order flipped every
+    pair), so both see the same machine load; CPU time of each server process is read around."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as fe, \
+            httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=socket_path), base_url="http://engine",
+                              timeout=600) as de:
+        body = {"model": model, "prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+        for c in (fe, de):
+            await stream_once(c, model, 4)
+            (await c.post("/v1/completions", json=body)).raise_for_status()
+        res: dict[str, dict[str, list[float]]] = {k: {"ttft": [], "short": []} for k in ("front end", "engine socket")}
+        for i in range(pairs):
+            order = [("front end", fe), ("engine socket", de)]
+            for name, c in (order if i % 2 == 0 else order[::-1]):
+                res[name]["ttft"].append((await stream_once(c, model, max_tokens)).ttft)
+                t0 = time.perf_counter()
+                (await c.post("/v1/completions", json=body)).raise_for_status()
+                res[name]["short"].append(time.perf_counter() - t0)
+        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        n = 50
+        for _ in range(n):
+            (await fe.post("/v1/completions", json=body)).raise_for_status()
+        cpu_short = {k: (cpu_seconds(p) - cpu0[k]) / n * 1e3 for k, p in pids.items()}
+        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        tokens = 0
+        for _ in range(10):
+            tokens += (await stream_once(fe, model, max_tokens)).tokens
+        cpu_token = {k: (cpu_seconds(p) - cpu0[k]) / tokens * 1e3 for k, p in pids.items()}
+    out = {name: {"TTFT p50 (ms)": statistics.median(v["ttft"]) * 1e3,
+                  "short completion latency p50 (ms)": statistics.median(v["short"]) * 1e3}
+           for name, v in res.items()}
+    out["paired difference"] = {
+        "TTFT p50 (ms)": statistics.median(a - b for a, b in zip(res["front end"]["ttft"], res["engine socket"]["ttft"])) * 1e3,
+        "short completion latency p50 (ms)": statistics.median(
+            a - b for a, b in zip(res["front end"]["short"], res["engine socket"]["short"])) * 1e3}
+    out["cpu"] = {**{f"{k} CPU ms per short request": v for k, v in cpu_short.items()},
+                  **{f"{k} CPU ms per streamed token": v for k, v in cpu_token.items()}}
+    return out
+
+
+def paired(args: argparse.Namespace, model: str, work: Path) -> None:
+    front = sides(model, work)[1]
+    front.start()
+    try:
+        engine = httpx.get(front.url + "/v1/engines", timeout=30).json()["data"][0]
+        pids = {"front end": front.proc.pid, "vLLM API server": engine["pid"]}
+        out = asyncio.run(paired_run(front.url, engine["socket"], front.model, args.pairs, args.max_tokens, pids))
+    finally:
+        front.stop()
+    print()
+    print(f"paired, same engine: {args.pairs} pairs, front end (TCP) vs the engine's own socket, interleaved")
+    print("| metric | via front end | engine socket direct | paired difference (median) |")
+    print("|---|---|---|---|")
+    for key in out["front end"]:
+        print(f"| {key} | {out['front end'][key]:.1f} | {out['engine socket'][key]:.1f} | "
+              f"{out['paired difference'][key]:+.1f} ms |")
+    print()
+    print("| CPU time (load-dependent; both Python ASGI servers) | ms |")
+    print("|---|---|")
+    for key, value in out["cpu"].items():
+        print(f"| {key} | {value:.2f} |")
+
+
 def subset_to_first_token(model: str, work: Path, size: int, label: str) -> None:
     port = free_port()
     side = Side("emo-serve", [sys.executable, "-c", "import sys; from emo_serve.cli import main; sys.exit(main())",
@@ -248,6 +317,8 @@ def main() -> None:
     ap.add_argument("--subset-size", type=int, default=4, help="routed experts per layer for the subset timing")
     ap.add_argument("--subset-only", action="store_true", help="only time POST /v1/subsets -> first token")
     ap.add_argument("--no-subset", action="store_true")
+    ap.add_argument("--pairs", type=int, default=40, help="interleaved request pairs (paired mode)")
+    ap.add_argument("--paired-only", action="store_true", help="only the paired same-engine overhead")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
@@ -256,8 +327,12 @@ def main() -> None:
             from emo_serve.demo import write_demo_checkpoint
 
             model = str(write_demo_checkpoint(work / "tiny", "tiny", seed=0))
-        if not args.subset_only:
+        if not args.subset_only and not args.paired_only:
             compare(args, model, work)
+        if not args.subset_only:
+            paired(args, model, work)
+        if args.paired_only:
+            return
         if not args.no_subset:
             print()
             print("| model | subset | subset / base GB | POST -> ready (profiling, s) | engine load (s) | "

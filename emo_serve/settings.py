@@ -139,12 +139,18 @@ class Settings(BaseSettings):
         return self.state_dir / "logs"
 
 
-def resolve_default_model(state_dir: Path) -> Path:
-    """The embedded default base: a trained toy EMO shipped in the package if there is one,
-    otherwise the tiny demo checkpoint, generated once into `<state_dir>/models/emo-demo`."""
+def shipped_default_model() -> Path | None:
+    """The trained toy EMO shipped inside the package, if this build has one."""
     shipped = resources.files("emo_serve") / "data" / "models" / DEFAULT_MODEL_ID
-    if (shipped / "config.json").is_file():
-        return Path(str(shipped))
+    return Path(str(shipped)) if (shipped / "config.json").is_file() else None
+
+
+def resolve_default_model(state_dir: Path) -> Path:
+    """The embedded default base: the shipped toy EMO if there is one, otherwise the tiny demo
+    checkpoint, generated once into `<state_dir>/models/emo-demo`."""
+    shipped = shipped_default_model()
+    if shipped is not None:
+        return shipped
     target = state_dir / "models" / DEFAULT_MODEL_ID
     if not (target / "config.json").is_file():
         from .demo import write_demo_checkpoint

@@ -1,6 +1,7 @@
 """Dependencies of the routes: the service and settings on `app.state`, and bearer-key auth.
 
-Keys are compared in constant time (`hmac.compare_digest`). `/v1/*` needs the API key when one
+All are `async def`: FastAPI runs plain `def` dependencies on a thread pool, a thread hand-off
+per dependency per request. Keys are compared in constant time (`hmac.compare_digest`). `/v1/*` needs the API key when one
 is configured; creating, deleting, loading and unloading subsets needs the admin key (which
 defaults to the API key). Reading routes accept either key.
 """
@@ -22,11 +23,11 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_service(request: Request) -> EmoService:
+async def get_service(request: Request) -> EmoService:
     return request.app.state.service
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.service.settings
 
 
@@ -48,13 +49,13 @@ def _unauthorized(what: str) -> APIError:
                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_api_key(settings: SettingsDep, credentials: Credentials) -> None:
+async def require_api_key(settings: SettingsDep, credentials: Credentials) -> None:
     """Any `/v1/*` route: the API key (or the admin key) when an API key is configured."""
     if settings.api_key is not None and not _matches(credentials, settings.api_key, settings.admin_key):
         raise _unauthorized("API key")
 
 
-def require_admin_key(settings: SettingsDep, credentials: Credentials) -> None:
+async def require_admin_key(settings: SettingsDep, credentials: Credentials) -> None:
     """Routes that change subsets or start/stop engines."""
     admin = settings.effective_admin_key
     if admin is not None and not _matches(credentials, admin):

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -49,9 +49,22 @@ class Recorder:
         self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.start)
 
 
+# What a dead or dying engine looks like from the client side.
+UPSTREAM_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError)
+
+
 def _unavailable(model: str, exc: BaseException) -> ModelUnavailable:
     return ModelUnavailable(f"the engine of `{model}` failed during the request ({type(exc).__name__}); "
                             "it restarts on the next request")
+
+
+def _close(upstream: aiohttp.ClientResponse, *, finished: bool) -> None:
+    """Return a finished answer's connection to the pool; drop an unfinished one's, which is
+    what makes vLLM abort the request."""
+    if finished:
+        upstream.release()
+    else:
+        upstream.close()
 
 
 async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder: Recorder,
@@ -63,14 +76,12 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
     drop_usage = stream and not options.get("include_usage")
     if drop_usage:  # ask for usage to count tokens; the chunk is removed from what the client sees
         payload = {**payload, "stream_options": {**options, "include_usage": True}}
-    client = lease.proc.client
     headers = {"content-type": "application/json"}
     if request_id:
         headers["x-request-id"] = request_id
-    request = client.build_request("POST", endpoint, content=json.dumps(payload).encode(), headers=headers)
     try:
-        upstream = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+        upstream = await lease.proc.client.post(endpoint, data=json.dumps(payload).encode(), headers=headers)
+    except UPSTREAM_ERRORS as exc:
         lease.release()
         recorder.finish(503)
         raise _unavailable(recorder.model, exc) from None
@@ -79,34 +90,35 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
         recorder.finish("cancelled")
         raise
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
-    if upstream.status_code == 200 and is_sse:
+    if upstream.status == 200 and is_sse:
         return ProxyStream(upstream, lease, recorder, drop_usage=drop_usage)
-    status: int | str = upstream.status_code
+    status: int | str = upstream.status
     try:
-        body = await upstream.aread()
-    except httpx.HTTPError as exc:
+        body = await upstream.read()
+    except UPSTREAM_ERRORS as exc:
         status = 503
         raise _unavailable(recorder.model, exc) from None
     except BaseException:
         status = "cancelled"
         raise
     finally:
-        await upstream.aclose()
+        _close(upstream, finished=status == upstream.status)
         lease.release()
         recorder.finish(status)
-    if upstream.status_code == 200:
+    if upstream.status == 200:
         try:
             recorder.usage(json.loads(body).get("usage"))
         except (ValueError, AttributeError):
             pass
-    return Response(body, status_code=upstream.status_code,
+    return Response(body, status_code=upstream.status,
                     media_type=upstream.headers.get("content-type", "application/json"))
 
 
 class ProxyStream(StreamingResponse):
     """Server-sent events from the engine, passed through event by event."""
 
-    def __init__(self, upstream: httpx.Response, lease: Lease, recorder: Recorder, *, drop_usage: bool) -> None:
+    def __init__(self, upstream: aiohttp.ClientResponse, lease: Lease, recorder: Recorder, *,
+                 drop_usage: bool) -> None:
         self.upstream, self.lease, self.recorder, self.drop_usage = upstream, lease, recorder, drop_usage
         self.outcome: int | str = "cancelled"
         super().__init__(self._events(), status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -114,7 +126,7 @@ class ProxyStream(StreamingResponse):
     async def _events(self) -> AsyncIterator[bytes]:
         buf = b""
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in self.upstream.content.iter_any():
                 self.recorder.first_token()
                 buf += chunk
                 while (end := buf.find(b"\n\n")) >= 0:
@@ -125,7 +137,7 @@ class ProxyStream(StreamingResponse):
             if buf:
                 yield buf
             self.outcome = 200
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             # Headers are sent; all that's left is an error event, as vLLM itself streams errors.
             self.outcome = 503
             err = error_body(503, str(_unavailable(self.recorder.model, exc)), code="model_unavailable")
@@ -144,8 +156,7 @@ class ProxyStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # Closing the upstream connection mid-stream is what makes vLLM abort the request.
-            await self.upstream.aclose()
+            _close(self.upstream, finished=self.outcome == 200)
             self.lease.release()
             self.recorder.finish(self.outcome)
 

@@ -7,6 +7,7 @@ nothing of requests or status codes, so it can be driven from tests and other fr
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from pathlib import Path
@@ -95,6 +96,11 @@ class EmoService:
                 self.engines.register(record.name, str(record.model_dir))
         for model in self._startup_models:
             await self.engines.load(model)
+        # Start-up objects (torch, tokenizers, pydantic schemas) never die: move them out of the
+        # collector's reach, or every full collection walks them again (measured: a third of the
+        # front end's CPU per request went to the GC).
+        gc.collect()
+        gc.freeze()
         log.info("server started", extra={"base": self.base.location, "base_id": self.base_id,
                                           "subsets": len(self.registry.records),
                                           "loading": self._startup_models})

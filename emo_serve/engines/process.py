@@ -3,6 +3,10 @@
 Each engine runs `python -m vllm.entrypoints.openai.api_server` (with the EMO plugin, found through
 its entry point) in its own process group, listening on a private Unix socket, so nothing outside
 this machine's user can reach it and stopping the group also stops vLLM's engine-core children.
+
+The front end talks to it with aiohttp (C HTTP parser): measured with py-spy, reading the
+upstream stream with httpx/httpcore (pure-Python h11 and anyio) took 44 % of the front end's CPU
+per streamed token.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +100,13 @@ class EngineProcess:
         self.socket_path = opts.socket_dir / f"e{slot}.sock"
         self.log_path = opts.logs_dir / f"engine-{model_id}.log"
         self.proc: asyncio.subprocess.Process | None = None
-        self.client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path), retries=0),
+        # Created on the event loop (the manager starts engines from it); no total timeout:
+        # a generation may run for minutes, and client disconnects cancel it instead.
+        self.client = aiohttp.ClientSession(
             base_url=ENGINE_BASE_URL,
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            connector=aiohttp.UnixConnector(path=str(self.socket_path), limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+            auto_decompress=False,
         )
 
     @property
@@ -136,10 +142,10 @@ class EngineProcess:
                                        f"{self.opts.start_timeout:.0f} s; {self.log_tail()}")
             if self.socket_path.exists():
                 try:
-                    r = await self.client.get("/health", timeout=5.0)
-                    if r.status_code == 200:
-                        return
-                except httpx.HTTPError:
+                    async with self.client.get("/health", timeout=aiohttp.ClientTimeout(total=5.0)) as r:
+                        if r.status == 200:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass
             await asyncio.sleep(HEALTH_POLL_SECONDS)
 
@@ -178,7 +184,7 @@ class EngineProcess:
             self.signal_group(signal.SIGKILL)
             if self.proc.returncode is None:
                 await self.proc.wait()
-        await self.client.aclose()
+        await self.client.close()
         self.socket_path.unlink(missing_ok=True)
 
     def kill_now(self) -> None:

@@ -99,7 +99,20 @@ def test_state_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert default_state_dir() == Path.home() / ".local" / "share" / "emo-serve"
 
 
-def test_default_model_is_generated_once(tmp_path: Path) -> None:
+def test_shipped_default_model_wins(tmp_path: Path) -> None:
+    from emo_serve import settings
+
+    shipped = settings.shipped_default_model()
+    if shipped is None:
+        pytest.skip("this build ships no trained demo model")
+    assert resolve_default_model(tmp_path) == shipped and (shipped / "config.json").is_file()
+    assert not (tmp_path / "models").exists()  # nothing generated
+
+
+def test_default_model_is_generated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from emo_serve import settings
+
+    monkeypatch.setattr(settings, "shipped_default_model", lambda: None)  # as in a build without it
     first = resolve_default_model(tmp_path)
     assert first == tmp_path / "models" / "emo-demo" and (first / "config.json").is_file()
     stamp = (first / "config.json").stat().st_mtime_ns
