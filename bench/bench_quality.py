@@ -116,9 +116,9 @@ def big_eval(big: Path, dtype: str) -> dict:
         examples = Path(tmp) / "examples.jsonl"
         texts = read_jsonl(MODELS_DIR / "heldout" / "code.jsonl")[:1] + read_jsonl(MODELS_DIR / "heldout" / "prose.jsonl")[:1]
         examples.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        cmd = [sys.executable, "-m", "emo_serve.cli", "eval", "--base", str(big), *subsets, "--examples",
-               str(examples), "--max-tokens-per-example", "128", "--dtype", dtype, "--quiet",
-               "-o", str(Path(tmp) / "report.json")]
+        cli = "import sys; from emo_serve.cli import main; sys.exit(main())"
+        cmd = [sys.executable, "-c", cli, "eval", "--base", str(big), *subsets, "--examples", str(examples),
+               "--max-tokens-per-example", "128", "--dtype", dtype, "--quiet", "-o", str(Path(tmp) / "report.json")]
         t0 = time.monotonic()
         out = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.monotonic() - t0

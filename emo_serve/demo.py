@@ -6,9 +6,9 @@ offline. The real-size preset (~28 GB bf16) streams to disk tensor by tensor.
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 from collections.abc import Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -168,16 +168,15 @@ def write_sharded(out_dir: Path, groups: list[list[TensorSpec]], tensors: Iterat
 
 
 def tokenizer_corpus() -> Iterator[str]:
-    """Text that exists on any machine with this package: its own sources, Python's standard
-    library and generated arithmetic, so the tokenizer sees code, prose and numbers."""
-    pkg = Path(__file__).parent
-    for path in sorted(pkg.rglob("*.py")):
-        yield path.read_text(errors="replace")
-    stdlib = Path(shutil.__file__).parent
-    for name in ("textwrap.py", "shutil.py", "argparse.py", "json/decoder.py", "csv.py", "this.py"):
-        p = stdlib / name
-        if p.exists():
-            yield p.read_text(errors="replace")
+    """Text shipped with the package (the trained demo model's example and held-out files, code,
+    prose, legal text and maths) and generated arithmetic. Fixed data only: the tokenizer, and so
+    a generated checkpoint's fingerprint and every manifest made on it, must not change when the
+    package's code does."""
+    data = resources.files("emo_serve") / "data" / "models"
+    for folder in ("examples", "heldout"):
+        for path in sorted((data / folder).iterdir(), key=lambda p: p.name):
+            if path.name.endswith(".jsonl"):
+                yield from (json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip())
     for a in range(0, 400, 7):
         yield " ".join(f"{a} + {b} = {a + b}. {a} * {b} = {a * b}." for b in range(1, 30, 3))
 

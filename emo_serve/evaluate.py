@@ -29,7 +29,7 @@ from .checkpoint import Checkpoint
 from .config import EmoConfig
 from .errors import EmoServeError
 from .examples import Source, load_examples, tokenize_examples
-from .profiler import _all_examples, _as_device, _as_dtype
+from .profiler import _all_examples, _as_device, _as_dtype, _ReadAhead
 from .subset import BaseRef, SubsetSpec, routed_ids, subset_sizes
 
 EVAL_FORMAT = "emo-eval/v1"
@@ -131,15 +131,21 @@ def evaluate_experts(ckpt: Checkpoint, sequences: Sequence[torch.Tensor], subset
                  for _ in subsets]
     bar = tqdm(range(n_layers), desc=f"evaluating base + {len(subsets)} subset(s)", unit="layer",
                disable=not progress, leave=False)
-    for layer in bar:
-        w = reference.load_layer(ckpt, layer, dtype=dt, device=dev)
-        moe = not cfg.layer_routing(layer).is_dense
-        for i, x in enumerate(states[0]):
-            hook = _mass_hook(cfg, layer, subsets, [s[i] for s in sub_stats]) if moe and subsets else None
-            states[0][i] = reference.decoder_layer(x, w, cfg, layer, None, hook)
-        for m, keep in enumerate(masks, start=1):
-            states[m] = [reference.decoder_layer(x, w, cfg, layer, keep[layer]) for x in states[m]]
-        del w  # one layer's weights resident at a time
+    read_ahead = _ReadAhead(ckpt)  # the next layer's bytes into the page cache during this one
+    try:
+        for layer in bar:
+            read_ahead.close()
+            w = reference.load_layer(ckpt, layer, dtype=dt, device=dev)
+            read_ahead.start(layer + 1)
+            moe = not cfg.layer_routing(layer).is_dense
+            for i, x in enumerate(states[0]):
+                hook = _mass_hook(cfg, layer, subsets, [s[i] for s in sub_stats]) if moe and subsets else None
+                states[0][i] = reference.decoder_layer(x, w, cfg, layer, None, hook)
+            for m, keep in enumerate(masks, start=1):
+                states[m] = [reference.decoder_layer(x, w, cfg, layer, keep[layer]) for x in states[m]]
+            del w  # one layer's weights resident at a time
+    finally:
+        read_ahead.close()
     base_stats, base_top = [], []
     for ids, x in zip(sequences, states[0]):
         stats, top = _score(ckpt, ids.to(dev), x, None, dt)

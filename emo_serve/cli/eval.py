@@ -35,8 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluate import evaluate
     from ..files import atomic_write_text
+    from ..profiler import release_memory_eagerly
     from ..subset import SubsetSpec
 
+    release_memory_eagerly()  # a one-shot process: return each dropped layer to the OS at once
     specs = [SubsetSpec.load(path) for path in args.subset]
     report = evaluate(args.base, specs, args.examples, device=args.device, dtype=args.dtype,
                       max_tokens_per_example=args.max_tokens_per_example, progress=not args.quiet)

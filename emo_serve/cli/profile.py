@@ -65,8 +65,10 @@ def non_negative_float(text: str) -> float:
 
 def run_auto_sized(args: argparse.Namespace, name: str) -> int:
     """--max-loss-increase / --budget: `sizing.auto_subset` profiles, measures and sizes."""
+    from ..profiler import release_memory_eagerly
     from ..sizing import auto_subset
 
+    release_memory_eagerly()
     spec = auto_subset(args.base, args.examples, name=name, max_loss_increase=args.max_loss_increase,
                        budget=args.budget, method=args.method, folds=args.folds, device=args.device,
                        dtype=args.dtype, max_tokens_per_example=args.max_tokens_per_example, seed=args.seed,

@@ -59,6 +59,7 @@ def run_engine(model: Path, work: Path, prompts: list[list[int]] = PROMPTS) -> E
     """`engine_process` that must succeed; its results parsed."""
     proc = engine_process(model, work, prompts)
     log = proc.stdout + proc.stderr
+    (work / "engine.log").write_text(log)  # kept with the session's temp dirs, for reading
     if proc.returncode != 0:
         pytest.fail(f"engine on {model} exited with {proc.returncode}:\n{log[-6000:]}")
     return EngineRun(model, json.loads((work / "result.json").read_text()), log)

@@ -13,3 +13,13 @@ for task in */; do
     emo-serve profile --base "$base" --examples "$task/examples.jsonl" --size 4 --method usage \
         --name "$task" --quiet -o "$task/subset.json"
 done
+# The profiler records where it read the base (a path on this machine); the server rebinds a
+# preloaded manifest to the base it serves once the fingerprint matches, so record the model id.
+python - */subset.json <<'PY'
+import sys
+from emo_serve.settings import DEFAULT_MODEL_ID
+from emo_serve.subset import SubsetSpec
+for path in sys.argv[1:]:
+    spec = SubsetSpec.load(path)
+    spec.model_copy(update={"base": spec.base.model_copy(update={"location": DEFAULT_MODEL_ID})}).save(path)
+PY
