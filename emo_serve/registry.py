@@ -51,10 +51,7 @@ class NameTaken(EmoServeError):
 @dataclass(frozen=True)
 class SizeSelection:
     """How many routed experts to keep once experts are scored: exactly one of `size` (per
-    layer), `fraction` (of each layer's routed experts) or `sizes` (a list, one per layer).
-
-    The hook for budget-driven selection (issue 7: `max_loss_increase`, `budget`): another
-    selection class with the same `select`/`layerwise_size` interface."""
+    layer), `fraction` (of each layer's routed experts) or `sizes` (a list, one per layer)."""
 
     size: int | None = None
     fraction: float | None = None
@@ -73,20 +70,68 @@ class SizeSelection:
         counts = [len(routed_ids(cfg, i)) if cfg.experts_per_layer[i] else 0 for i in range(cfg.num_hidden_layers)]
         resolve_sizes(counts, size=self.size, fraction=self.fraction, sizes=self.sizes)
 
-    def select(self, scores: Any, name: str, ckpt: Checkpoint) -> SubsetSpec:
+    def build(self, ckpt: Checkpoint, job: ProfileJob, name: str, dtype: str) -> SubsetSpec:
+        """Score the experts on the job's examples, keep the asked-for count."""
+        from .profiler import profile
+
+        layerwise = self.layerwise_size() if job.method == "layerwise" else None
+        scores = profile(ckpt, list(job.examples), method=job.method, device=job.device, dtype=dtype,
+                         max_tokens_per_example=job.max_tokens_per_example, seed=job.seed,
+                         layerwise_size=layerwise, progress=False)
         return scores.to_subset(self.size, fraction=self.fraction, sizes=self.sizes, name=name,
                                 checkpoint=ckpt)
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in (("size", self.size), ("fraction", self.fraction),
-                                  ("sizes", list(self.sizes) if self.sizes else None)) if v is not None}
+        return _given(size=self.size, fraction=self.fraction, sizes=list(self.sizes) if self.sizes else None)
+
+
+@dataclass(frozen=True)
+class QualitySizing:
+    """The size chosen by measured quality (`sizing.auto_subset`): the smallest subset within
+    `max_loss_increase` (relative perplexity), or `budget` routed experts summed over layers
+    placed where they lower the loss most; estimated on held-out folds of the examples."""
+
+    max_loss_increase: float | None = None
+    budget: int | None = None
+    folds: int = 5
+
+    def check(self, cfg: EmoConfig, method: str) -> None:
+        """Raise SizingError now (a 400) for a request `auto_subset` would refuse later."""
+        from .sizing import SizingError
+
+        if (self.max_loss_increase is None) == (self.budget is None):
+            raise SizingError("give exactly one of `max_loss_increase` or `budget`")
+        if method == "random":
+            raise SizingError("method 'random' ranks no expert by the examples; choose another method")
+        if self.budget is not None:
+            if method == "layerwise":
+                raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget")
+            routed = [len(routed_ids(cfg, i)) for i, n in enumerate(cfg.experts_per_layer) if n]
+            if not len(routed) <= self.budget <= sum(routed):
+                raise SizingError(f"budget {self.budget}: needs between {len(routed)} (one routed expert per "
+                                  f"MoE layer) and {sum(routed)} (every routed expert)")
+
+    def build(self, ckpt: Checkpoint, job: ProfileJob, name: str, dtype: str) -> SubsetSpec:
+        from .sizing import auto_subset
+
+        return auto_subset(ckpt, list(job.examples), name=name, max_loss_increase=self.max_loss_increase,
+                           budget=self.budget, method=job.method, folds=self.folds, device=job.device,
+                           dtype=dtype, max_tokens_per_example=job.max_tokens_per_example, seed=job.seed,
+                           progress=False)
+
+    def describe(self) -> dict[str, Any]:
+        return _given(max_loss_increase=self.max_loss_increase, budget=self.budget)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True)
 class ProfileJob:
     examples: Sequence[Example]
     method: str
-    selection: SizeSelection
+    selection: SizeSelection | QualitySizing
     device: str
     max_tokens_per_example: int = 512
     seed: int = 0
@@ -250,14 +295,8 @@ class SubsetRegistry:
             await on_done(record)
 
     def _profile_sync(self, name: str, job: ProfileJob) -> SubsetSpec:
-        from .profiler import profile
-
-        layerwise = job.selection.layerwise_size() if job.method == "layerwise" else None
         dtype = "float32" if job.device == "cpu" else "bfloat16"
-        scores = profile(self.base, list(job.examples), method=job.method, device=job.device, dtype=dtype,
-                         max_tokens_per_example=job.max_tokens_per_example, seed=job.seed,
-                         layerwise_size=layerwise, progress=False)
-        return job.selection.select(scores, name, self.base)
+        return job.selection.build(self.base, job, name, dtype)
 
     # -- deleting ------------------------------------------------------------------------------
     def remove(self, name: str) -> None:

@@ -130,6 +130,12 @@ class SubsetCreate(BaseModel):
     size: int | None = Field(None, ge=1, description="routed experts kept per layer")
     fraction: float | None = Field(None, gt=0, le=1, description="share of each layer's routed experts")
     sizes: list[int] | None = Field(None, description="routed experts kept, per layer")
+    max_loss_increase: float | None = Field(
+        None, ge=0, le=100, description="the smallest subset whose perplexity stays within this relative "
+        "increase over the base (0.05 = +5 %), measured on held-out folds of the examples")
+    budget: int | None = Field(None, ge=1, description="routed experts summed over layers, placed per layer "
+                               "where they lower the examples' loss most")
+    folds: int = Field(5, ge=1, le=16, description="k-fold split of the examples for `max_loss_increase`/`budget`")
     method: Literal[METHODS] = "usage"  # type: ignore[valid-type]
     max_tokens_per_example: int = Field(512, ge=1, le=8192)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -147,11 +153,14 @@ class SubsetCreate(BaseModel):
     def _one_way(self) -> "SubsetCreate":
         if (self.experts is None) == (self.examples is None):
             raise ValueError("give exactly one of `experts` or `examples`")
-        sizing = sum(x is not None for x in (self.size, self.fraction, self.sizes))
+        sizing = sum(x is not None for x in (self.size, self.fraction, self.sizes, self.max_loss_increase,
+                                             self.budget))
         if self.examples is not None and sizing != 1:
-            raise ValueError("with `examples`, give exactly one of `size`, `fraction` or `sizes`")
+            raise ValueError("with `examples`, give exactly one of `size`, `fraction`, `sizes`, "
+                             "`max_loss_increase` or `budget`")
         if self.experts is not None and sizing:
-            raise ValueError("`size`, `fraction` and `sizes` apply to `examples`, not to explicit `experts`")
+            raise ValueError("`size`, `fraction`, `sizes`, `max_loss_increase` and `budget` apply to "
+                             "`examples`, not to explicit `experts`")
         return self
 
     def example_items(self) -> list[str | dict[str, Any]]:
@@ -177,6 +186,11 @@ class SubsetObject(BaseModel):
     method: str | None = None
     size: int | list[int] | None = None
     fraction: float | None = None
+    max_loss_increase: float | None = None
+    budget: int | None = None
+    quality: dict[str, Any] | None = Field(
+        None, description="the quality estimate of a subset sized by `max_loss_increase` or `budget`: "
+        "perplexity and accuracy change vs the base, how measured (k-fold or in-sample), sizes tried")
     example_fingerprints: list[str] = Field(default_factory=list)
     profile_seconds: float | None = None
     error: str | None = None

@@ -20,7 +20,7 @@ from ..engines import (EngineError, EngineManager, EngineOptions, EngineState, M
 from ..errors import SubsetError
 from ..examples import load_examples
 from ..metrics import Metrics
-from ..registry import ProfileJob, SizeSelection, SubsetRecord, SubsetRegistry, SubsetState
+from ..registry import ProfileJob, QualitySizing, SizeSelection, SubsetRecord, SubsetRegistry, SubsetState
 from ..settings import DEFAULT_MODEL_ID, Settings, derive_model_id, resolve_default_model
 from ..subset import SubsetSpec, make_subset, routed_ids
 from .protocol import (EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate,
@@ -223,8 +223,13 @@ class EmoService:
             out.bytes = ExpertCounts(subset=r.sizes["subset_bytes"], base=r.sizes["base_bytes"])
             out.method, out.size, out.fraction = p.method, p.size, p.fraction
             out.example_fingerprints = p.example_fingerprints
+            quality = (p.details or {}).get("quality")
+            if isinstance(quality, dict):
+                out.quality, out.max_loss_increase, out.budget = (quality, quality.get("max_loss_increase"),
+                                                                  quality.get("budget"))
         elif r.job:
             out.method, out.size, out.fraction = r.job["method"], r.job.get("size") or r.job.get("sizes"), r.job.get("fraction")
+            out.max_loss_increase, out.budget = r.job.get("max_loss_increase"), r.job.get("budget")
             out.example_fingerprints = r.job["example_fingerprints"]
         return out
 
@@ -250,11 +255,16 @@ class EmoService:
             if len(ex.canonical) > s.max_example_chars:
                 raise SubsetError(f"{ex.where}: {len(ex.canonical)} characters, at most "
                                   f"{s.max_example_chars} are allowed")
-        selection = SizeSelection(size=req.size, fraction=req.fraction,
-                                  sizes=tuple(req.sizes) if req.sizes is not None else None)
-        selection.check(self.base.config)  # a size the base can't have is a 400 now, not a failure later
-        if req.method == "layerwise":
-            selection.layerwise_size()  # raises now, not in the worker, if it can't be done
+        selection: SizeSelection | QualitySizing
+        if req.max_loss_increase is not None or req.budget is not None:
+            selection = QualitySizing(max_loss_increase=req.max_loss_increase, budget=req.budget, folds=req.folds)
+            selection.check(self.base.config, req.method)
+        else:
+            selection = SizeSelection(size=req.size, fraction=req.fraction,
+                                      sizes=tuple(req.sizes) if req.sizes is not None else None)
+            selection.check(self.base.config)  # a size the base can't have is a 400 now, not a failure later
+            if req.method == "layerwise":
+                selection.layerwise_size()  # raises now, not in the worker, if it can't be done
         device = s.device if s.device != "auto" else ("cuda" if engine_platform() == "cuda" else "cpu")
         job = ProfileJob(examples=examples, method=req.method, selection=selection, device=device,
                          max_tokens_per_example=req.max_tokens_per_example, seed=req.seed)

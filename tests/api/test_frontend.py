@@ -212,6 +212,13 @@ def test_explicit_subset_lifecycle(frontend: Server, admin: httpx.Client) -> Non
     ({"name": "a", "examples": [{"messages": [{"role": "user"}]}], "size": 2}, "messages"),
     ({"name": "a", "examples": ["x"] * 65, "size": 2}, "65 examples"),
     ({"name": "a", "examples": [], "size": 2}, "examples"),
+    ({"name": "a", "examples": ["x"], "size": 2, "budget": 8}, "exactly one of"),
+    ({"name": "a", "experts": [0], "max_loss_increase": 0.1}, "apply to `examples`"),
+    ({"name": "a", "examples": ["x"], "max_loss_increase": -0.1}, "max_loss_increase"),
+    ({"name": "a", "examples": ["x"], "budget": 3}, "budget 3: needs between 4"),
+    ({"name": "a", "examples": ["x"], "budget": 61}, "and 60"),
+    ({"name": "a", "examples": ["x"], "budget": 8, "method": "layerwise"}, "use 'usage' with a budget"),
+    ({"name": "a", "examples": ["x"], "max_loss_increase": 0.1, "method": "random"}, "ranks no expert"),
 ])
 def test_bad_subset_requests_are_400(admin: httpx.Client, body: dict, contains: str) -> None:
     assert_error(admin.post("/v1/subsets", json=body), 400, contains=contains)
@@ -261,6 +268,37 @@ def test_subset_from_examples_is_profiled(frontend: Server, admin: httpx.Client)
     assert "from-examples" in {m.id for m in frontend.openai().models.list()}
     metrics = admin.get("/metrics").text
     assert 'emo_subset_profiling_seconds_count{method="usage"} 1.0' in metrics
+
+
+def test_subset_sized_by_a_loss_tolerance(frontend: Server, admin: httpx.Client) -> None:
+    """`max_loss_increase` instead of a size: the smallest size whose held-out perplexity
+    increase is within the tolerance, with the estimate shown and stored in the manifest."""
+    tolerance = 0.5
+    r = admin.post("/v1/subsets", json={"name": "tolerant", "examples": EXAMPLES, "max_loss_increase": tolerance,
+                                        "folds": 3})
+    assert r.status_code == 202, r.text
+    assert r.json()["max_loss_increase"] == tolerance
+    frontend.wait_until(lambda: admin.get("/v1/subsets/tolerant").json()["state"] != "profiling", 300, "sizing")
+    s = admin.get("/v1/subsets/tolerant").json()
+    assert s["state"] == "ready", s
+    q = s["quality"]
+    assert q["estimate"] == "k-fold" and q["folds"] == 3 and q["examples"] == len(EXAMPLES)
+    assert s["max_loss_increase"] == q["max_loss_increase"] == tolerance
+    assert q["relative_change"] <= tolerance and [len(e) - 1 for e in s["experts"]] == q["sizes"]
+    smaller = [c for c in q["candidates"] if sum(c["sizes"]) < sum(q["sizes"])]
+    assert all(c["relative_change"] > tolerance for c in smaller)  # none smaller would have done
+    stored = json.loads((frontend.state_dir / "subsets" / "tolerant.json").read_text())
+    assert stored["provenance"]["details"]["quality"] == q
+
+
+def test_subset_sized_by_a_budget(frontend: Server, admin: httpx.Client) -> None:
+    r = admin.post("/v1/subsets", json={"name": "budgeted", "examples": EXAMPLES, "budget": 10, "folds": 3})
+    assert r.status_code == 202, r.text
+    frontend.wait_until(lambda: admin.get("/v1/subsets/budgeted").json()["state"] != "profiling", 300, "sizing")
+    s = admin.get("/v1/subsets/budgeted").json()
+    assert s["state"] == "ready", s
+    assert s["budget"] == s["quality"]["budget"] == 10
+    assert sum(len(e) - 1 for e in s["experts"]) == 10 and all(15 in e for e in s["experts"])
 
 
 def test_failed_profiling_is_reported(frontend: Server, admin: httpx.Client) -> None:
