@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,3 +181,21 @@ def engine_metrics(server: Server, model: str) -> dict[str, float]:
                 key += ":" + sample.labels["finished_reason"]
             out[key] = out.get(key, 0.0) + sample.value
     return out
+
+
+@contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP a process and everything below it (a stalled engine: its requests stay in flight
+    however fast the model is), SIGCONT on leaving. A fault injected on purpose, so that tests of
+    what happens while requests are in flight do not depend on how fast a request finishes."""
+    pids = [pid, *descendants(pid)]
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from api_harness import ADMIN_KEY, API_KEY, EXAMPLES, Server, assert_error, engine_metrics, engine_of
+from api_harness import ADMIN_KEY, API_KEY, EXAMPLES, Server, assert_error, engine_metrics, engine_of, frozen
 
 pytestmark = pytest.mark.vllm
 
@@ -244,15 +245,21 @@ def test_least_recently_used_engine_is_evicted(live: Server, admin: httpx.Client
 
 
 def test_busy_engines_are_never_evicted(live: Server, admin: httpx.Client) -> None:
-    """Both slots serving streams: a third model gets 429, and nothing was evicted."""
+    """Both slots serving streams: a third model gets 429, and nothing was evicted. Each engine
+    is frozen once its stream is under way, so neither stream can finish during the checks
+    (a 500-token stream on the tiny model takes seconds, less than a slow first token)."""
     body = {"prompt": "x", "max_tokens": 500, "stream": True, "ignore_eos": True}
-    with live.client(API_KEY) as c1, live.client(API_KEY) as c2, \
-            c1.stream("POST", "/v1/completions", json={**body, "model": SUBSET}) as s1, \
-            c2.stream("POST", "/v1/completions", json={**body, "model": "other"}) as s2:
-        assert s1.status_code == s2.status_code == 200
-        # keep the line iterators: dropping one closes its connection, i.e. a disconnect
-        lines1, lines2 = s1.iter_lines(), s2.iter_lines()
-        next(lines1), next(lines2)
+    with ExitStack() as streams, ExitStack() as freezes:
+        lines = {}
+        for model in (SUBSET, "other"):
+            c = streams.enter_context(live.client(API_KEY))
+            s = streams.enter_context(c.stream("POST", "/v1/completions", json={**body, "model": model}))
+            assert s.status_code == 200
+            # keep the line iterator: dropping one closes its connection, i.e. a disconnect
+            lines[model] = s.iter_lines()
+            assert next(line for line in lines[model] if line).startswith("data: {")  # under way
+            freezes.enter_context(frozen(engine_of(live, model)["pid"]))
+        assert {m: engine_of(live, m)["inflight"] for m in (SUBSET, "other")} == {SUBSET: 1, "other": 1}
         r = admin.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         assert_error(r, 429)
         assert r.headers["retry-after"]
@@ -260,8 +267,9 @@ def test_busy_engines_are_never_evicted(live: Server, admin: httpx.Client) -> No
         assert states == {"tiny": "stopped", SUBSET: "ready", "other": "ready"}
         # deleting a subset with a request in flight is refused unless forced
         assert_error(admin.delete("/v1/subsets/other"), 409)
+        freezes.close()  # the engines run again (the streams stay open)
         assert admin.delete("/v1/subsets/other", params={"force": "true"}).status_code == 200
-        rest = list(lines2)  # the forced delete ends the stream with an error event
+        rest = list(lines["other"])  # the forced delete ends the stream with an error event
         assert any('"error"' in line for line in rest), rest[-3:]
     assert "other" not in {m["id"] for m in admin.get("/v1/models").json()["data"]}
     wait_engine_idle(live, SUBSET)
