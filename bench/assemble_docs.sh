@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# docs/benchmarks.md = a header (machine, date) + docs/benchmarks/<area>.md, in data-flow order.
+# Each area's file holds the latest output of its script in bench/ and says how it was measured.
+#   bash bench/assemble_docs.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+{
+    echo "# Benchmarks"
+    echo
+    echo "Latest results of the scripts in \`bench/\`, one section per area (sources: \`docs/benchmarks/*.md\`)."
+    echo "Machine: the project's development machine — $(nproc)-core $(uname -m) CPU," \
+         "$(awk '/MemTotal/ {printf "%.0f GB", $2 / 1e6}' /proc/meminfo) RAM, no GPU; assembled $(date -u +%F)."
+    echo "Each section gives its own run's date and machine load."
+    for area in foundation plugin profiler server quality; do
+        [ -f "docs/benchmarks/$area.md" ] || continue
+        echo
+        sed 's/^#/##/' "docs/benchmarks/$area.md"
+    done
+} > docs/benchmarks.md.tmp
+mv docs/benchmarks.md.tmp docs/benchmarks.md
