@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
     echo
     echo "Latest results of the scripts in \`bench/\`, one section per area (sources: \`docs/benchmarks/*.md\`)."
     echo "Machine: the project's development machine — $(nproc)-core $(uname -m) CPU," \
-         "$(awk '/MemTotal/ {printf "%.0f GB", $2 / 1e6}' /proc/meminfo) RAM, no GPU; assembled $(date -u +%F)."
+         "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, no GPU; assembled $(date -u +%F)."
     echo "Each section gives its own run's date and machine load."
     for area in foundation plugin profiler server quality; do
         [ -f "docs/benchmarks/$area.md" ] || continue
