@@ -245,12 +245,13 @@ def test_least_recently_used_engine_is_evicted(live: Server, admin: httpx.Client
 
 
 def test_busy_engines_are_never_evicted(live: Server, admin: httpx.Client) -> None:
-    """Both slots serving streams: a third model gets 429, and nothing was evicted. Each engine
-    is frozen once its stream is under way, so neither stream can finish during the checks
-    (a 500-token stream on the tiny model takes seconds, less than a slow first token)."""
+    """Both slots serving streams: a third model gets 429, and nothing was evicted; a forced
+    delete ends its model's stream with an error event. Each engine is frozen once its stream is
+    under way (a stalled engine, injected on purpose), so no stream can finish during the checks
+    however fast the tiny model is, and the forced stop must escalate to SIGKILL."""
     body = {"prompt": "x", "max_tokens": 500, "stream": True, "ignore_eos": True}
-    with ExitStack() as streams, ExitStack() as freezes:
-        lines = {}
+    with ExitStack() as streams:
+        lines, freezes = {}, {}
         for model in (SUBSET, "other"):
             c = streams.enter_context(live.client(API_KEY))
             s = streams.enter_context(c.stream("POST", "/v1/completions", json={**body, "model": model}))
@@ -258,7 +259,8 @@ def test_busy_engines_are_never_evicted(live: Server, admin: httpx.Client) -> No
             # keep the line iterator: dropping one closes its connection, i.e. a disconnect
             lines[model] = s.iter_lines()
             assert next(line for line in lines[model] if line).startswith("data: {")  # under way
-            freezes.enter_context(frozen(engine_of(live, model)["pid"]))
+            freezes[model] = streams.enter_context(ExitStack())
+            freezes[model].enter_context(frozen(engine_of(live, model)["pid"]))
         assert {m: engine_of(live, m)["inflight"] for m in (SUBSET, "other")} == {SUBSET: 1, "other": 1}
         r = admin.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         assert_error(r, 429)
@@ -267,7 +269,7 @@ def test_busy_engines_are_never_evicted(live: Server, admin: httpx.Client) -> No
         assert states == {"tiny": "stopped", SUBSET: "ready", "other": "ready"}
         # deleting a subset with a request in flight is refused unless forced
         assert_error(admin.delete("/v1/subsets/other"), 409)
-        freezes.close()  # the engines run again (the streams stay open)
+        freezes[SUBSET].close()  # the kept engine runs again; `other` stays stalled
         assert admin.delete("/v1/subsets/other", params={"force": "true"}).status_code == 200
         rest = list(lines["other"])  # the forced delete ends the stream with an error event
         assert any('"error"' in line for line in rest), rest[-3:]
