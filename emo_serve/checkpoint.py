@@ -159,6 +159,8 @@ class Checkpoint:
         try:
             names = [os.path.basename(p) for p in self.fs.ls(self.root, detail=False)]
         except (OSError, NotImplementedError):
+            # A location that cannot be listed (a plain HTTP server without directory pages):
+            # nothing to refuse by name; only safetensors files named by the index are read anyway.
             return
         unsafe = [n for n in names if n.endswith(UNSAFE_WEIGHT_SUFFIXES)]
         if unsafe:

@@ -97,19 +97,9 @@ class QualitySizing:
 
     def check(self, cfg: EmoConfig, method: str) -> None:
         """Raise SizingError now (a 400) for a request `auto_subset` would refuse later."""
-        from .sizing import SizingError
+        from .sizing import check_request
 
-        if (self.max_loss_increase is None) == (self.budget is None):
-            raise SizingError("give exactly one of `max_loss_increase` or `budget`")
-        if method == "random":
-            raise SizingError("method 'random' ranks no expert by the examples; choose another method")
-        if self.budget is not None:
-            if method == "layerwise":
-                raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget")
-            routed = [len(routed_ids(cfg, i)) for i, n in enumerate(cfg.experts_per_layer) if n]
-            if not len(routed) <= self.budget <= sum(routed):
-                raise SizingError(f"budget {self.budget}: needs between {len(routed)} (one routed expert per "
-                                  f"MoE layer) and {sum(routed)} (every routed expert)")
+        check_request(cfg, max_loss_increase=self.max_loss_increase, budget=self.budget, method=method)
 
     def build(self, ckpt: Checkpoint, job: ProfileJob, name: str, dtype: str) -> SubsetSpec:
         from .sizing import auto_subset

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from .checkpoint import Checkpoint
+from .config import EmoConfig
 from .errors import EmoServeError
 from .evaluate import Totals, evaluate_experts, relative_increase
 from .examples import Example, Source, load_examples, tokenize_examples
@@ -160,6 +161,33 @@ def smallest_size(folds: _Folds, routed: Sequence[int], tolerance: float, per_pa
     return uniform(good), _estimate(folds, uniform(good), sub, base, candidates, max_loss_increase=tolerance)
 
 
+def _check_budget(routed: Sequence[int], budget: int) -> None:
+    moe = [n for n in routed if n]
+    if not len(moe) <= budget <= sum(routed):
+        raise SizingError(f"budget {budget}: needs between {len(moe)} (one routed expert per MoE layer) "
+                          f"and {sum(routed)} (all of them)")
+
+
+def routed_counts(cfg: EmoConfig) -> list[int]:
+    """Routed experts per layer (0 for a dense layer)."""
+    return [len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)]
+
+
+def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: int | None, method: str) -> None:
+    """Raise SizingError for a request `auto_subset` cannot do, before any work is spent on it
+    (the server answers 400 instead of failing the subset later)."""
+    if (max_loss_increase is None) == (budget is None):
+        raise SizingError("give exactly one of max_loss_increase or budget")
+    if max_loss_increase is not None and (isinstance(max_loss_increase, bool) or not max_loss_increase >= 0):
+        raise SizingError(f"max_loss_increase {max_loss_increase} must be a number >= 0 (0.05 = +5 % perplexity)")
+    if method == "random":
+        raise SizingError("method 'random' ranks no expert by the examples; choose another method")
+    if budget is not None:
+        if method == "layerwise":
+            raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget")
+        _check_budget(routed_counts(cfg), budget)
+
+
 def allocate_budget(folds: _Folds, routed: Sequence[int], budget: int, *, max_rounds: int = 16,
                     measure_on: Callable[[Sequence[Sequence[int]]], tuple[Totals, list[Totals]]] | None = None
                     ) -> list[int]:
@@ -168,10 +196,8 @@ def allocate_budget(folds: _Folds, routed: Sequence[int], budget: int, *, max_ro
     and keeps the removal that raises the loss least. Pruning from the top measures every
     marginal loss against a nearly intact model, where growing from one expert per layer would
     judge each layer against others that are still broken."""
+    _check_budget(routed, budget)
     moe = [i for i, n in enumerate(routed) if n]
-    if not len(moe) <= budget <= sum(routed):
-        raise SizingError(f"budget {budget}: needs between {len(moe)} (one routed expert per MoE layer) "
-                          f"and {sum(routed)} (all of them)")
     measure = measure_on or folds.measure
     sizes = list(routed)
     step = max(1, math.ceil((sum(routed) - budget) / max_rounds))
@@ -194,24 +220,17 @@ def auto_subset(checkpoint: Checkpoint | str | os.PathLike[str], examples: Sourc
                 max_tokens_per_example: int = 512, seed: int = 0, progress: bool = True) -> SubsetSpec:
     """A subset sized by `max_loss_increase` (relative perplexity) or by `budget` (routed experts
     summed over layers), with its quality estimate in `provenance.details["quality"]`."""
-    if (max_loss_increase is None) == (budget is None):
-        raise SizingError("give exactly one of max_loss_increase or budget")
-    if max_loss_increase is not None and (isinstance(max_loss_increase, bool) or not max_loss_increase >= 0):
-        raise SizingError(f"max_loss_increase {max_loss_increase} must be a number >= 0 (0.05 = +5 % perplexity)")
-    if method == "random":
-        raise SizingError("method 'random' ranks no expert by the examples; choose another method")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     cfg = ckpt.config
+    check_request(cfg, max_loss_increase=max_loss_increase, budget=budget, method=method)
     items = list(examples) if _all_examples(examples) else load_examples(examples)
-    routed = [len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)]
+    routed = routed_counts(cfg)
     common = dict(device=device, dtype=dtype, max_tokens=max_tokens_per_example, seed=seed, progress=progress)
     cv = _Folds(ckpt, items, folds, method, **common)
     if max_loss_increase is not None:
         sizes, estimate = smallest_size(cv, routed, max_loss_increase)
     else:
         assert budget is not None
-        if method == "layerwise":
-            raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget")
         resolve_sizes(routed, sizes=[1 if n else 0 for n in routed])  # fails early on odd configs
         whole = _Folds(ckpt, items, 1, method, **common)
         sizes = allocate_budget(cv, routed, budget, measure_on=whole.measure)
