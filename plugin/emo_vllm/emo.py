@@ -66,6 +66,7 @@ from vllm.sequence import IntermediateTensors
 
 from . import manifest
 from .config import EmoConfig
+from .masks import SLOTS_CONFIG, EmoExpertMasks
 
 RoutingFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -126,9 +127,18 @@ class EmoSparseMoeBlock(nn.Module):
     """
 
     def __init__(self, config: EmoConfig, routing: LayerRouting, *,
-                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+                 quant_config: QuantizationConfig | None = None,
+                 expert_masks: EmoExpertMasks | None = None, prefix: str = "") -> None:
         super().__init__()
         self.routing = routing
+        self.layer_index = extract_layer_index(prefix)
+        # Shared-engine mode (see masks.py): a row of 0 / -inf per subset, added to the router
+        # logits of each token by the row its request names. The row index is the model's
+        # buffer, held here as a plain attribute so it is not registered once per layer.
+        self.token_rows = expert_masks.token_rows if expert_masks is not None else None
+        self.subset_masks: torch.Tensor | None
+        self.register_buffer("subset_masks", None if expert_masks is None else
+                             torch.zeros(expert_masks.slots, routing.num_experts), persistent=False)
         tp_size = get_tensor_model_parallel_world_size()
         self.gate = GateLinear(config.hidden_size, routing.num_experts, prefix=f"{prefix}.gate")
 
@@ -169,6 +179,8 @@ class EmoSparseMoeBlock(nn.Module):
         orig_shape = hidden_states.shape
         hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
         router_logits, _ = self.gate(hidden_states)
+        if self.subset_masks is not None and self.token_rows is not None:
+            router_logits = router_logits + self.subset_masks[self.token_rows[: router_logits.shape[0]]]
         # Fast path: the shared logit is dropped; softmax over one logit is 1.0.
         out = self.experts(hidden_states=hidden_states,
                            router_logits=router_logits[:, : self.num_fused])
@@ -223,7 +235,8 @@ class EmoAttention(nn.Module):
 
 
 class EmoDecoderLayer(nn.Module):
-    def __init__(self, *, vllm_config: VllmConfig, routing: LayerRouting, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config: VllmConfig, routing: LayerRouting,
+                 expert_masks: EmoExpertMasks | None = None, prefix: str = "") -> None:
         super().__init__()
         config: EmoConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
@@ -237,7 +250,7 @@ class EmoDecoderLayer(nn.Module):
                               quant_config=quant_config, prefix=f"{prefix}.mlp")
         else:
             self.mlp = EmoSparseMoeBlock(config, routing, quant_config=quant_config,
-                                         prefix=f"{prefix}.mlp")
+                                         expert_masks=expert_masks, prefix=f"{prefix}.mlp")
         self.pre_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -260,13 +273,16 @@ class EmoModel(nn.Module):
         config: EmoConfig = vllm_config.model_config.hf_config
         self.config = config
         self.routing: RoutingConfig = config.routing_config()
+        slots = int((vllm_config.additional_config or {}).get(SLOTS_CONFIG, 0))
+        self.expert_masks = (EmoExpertMasks(slots, vllm_config.scheduler_config.max_num_batched_tokens)
+                             if slots > 0 else None)
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.embed_tokens")
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
             lambda prefix: EmoDecoderLayer(
-                vllm_config=vllm_config, prefix=prefix,
+                vllm_config=vllm_config, prefix=prefix, expert_masks=self.expert_masks,
                 routing=self.routing.layer_routing(extract_layer_index(prefix))),
             prefix=f"{prefix}.layers",
         )

@@ -1,0 +1,169 @@
+"""Per-request expert masks: many subsets of one EMO base served by one vLLM engine.
+
+A subset routes each token only among its kept experts: softmax over the kept router rows,
+top-k shrunk to what is kept. Adding 0 / -inf to the full router's logits before the fused MoE
+gives exactly that (softmax over -inf is 0, and a zero-weight pick adds nothing), so one engine
+holding the union of several subsets' experts can serve each of them, request by request, in
+one continuous batch. This is vLLM's LoRA path applied to routing:
+
+* the model owns persistent buffers (`EmoExpertMasks`): per MoE layer a table of mask rows
+  (`[slots, experts]`, row 0 all zeros = unmasked) and one per-token row index
+  (`[max_num_batched_tokens]`), read by every MoE layer. They are filled in place and never
+  replaced, so a traced or graph-captured model sees the new values (a Python value read in
+  `forward()` would be frozen by Dynamo at the first trace);
+* the model runner turns each scheduled request's row (`SamplingParams.extra_args`, filled by
+  the OpenAI server from the body's `vllm_xargs`) into the per-token index once per step, right
+  after `_prepare_inputs` computed the token -> batch-row map (`req_indices`), as
+  `set_active_loras` does for adapters;
+* rows are installed and cleared by control calls between steps (`collective_rpc` to the
+  methods of `EmoWorkerExtension`), never inside a forward.
+
+The runner hook relies on internals of vLLM's V1 model runner (the one the CPU platform runs);
+`check_runner` names the one that is missing if they change, and `SUPPORTED_VLLM` pins the
+version the hook was written and tested against.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.emo_vllm.masks")
+
+SUPPORTED_VLLM = "0.32.0"
+# The request field (inside `vllm_xargs` / `SamplingParams.extra_args`) naming the mask row.
+ROW_ARG = "emo_subset_row"
+# vLLM's `--additional-config` key that turns masks on and sizes the table (rows incl. row 0).
+SLOTS_CONFIG = "emo_subset_slots"
+# What the hook reads of the runner, checked before it is installed.
+RUNNER_INTERNALS = ("_prepare_inputs", "req_indices", "input_batch", "requests", "get_model")
+
+
+class EmoExpertMasks(nn.Module):
+    """The shared per-token row index; each MoE block keeps its own mask table beside it."""
+
+    def __init__(self, slots: int, max_tokens: int) -> None:
+        super().__init__()
+        self.slots = slots
+        self.register_buffer("token_rows", torch.zeros(max_tokens, dtype=torch.long), persistent=False)
+        self.installed: dict[int, str] = {}  # row -> subset key, for the control calls
+
+    def rows_for(self, num_tokens: int) -> torch.Tensor:
+        return self.token_rows[:num_tokens]
+
+
+def masks_of(model: nn.Module) -> tuple[EmoExpertMasks, dict[int, torch.Tensor]]:
+    """The model's row index and its per-layer mask tables (layer index -> `[slots, experts]`)."""
+    found = [m for m in model.modules() if isinstance(m, EmoExpertMasks)]
+    if not found:
+        raise RuntimeError(f"the model has no expert masks: start it with --additional-config "
+                           f"'{{\"{SLOTS_CONFIG}\": N}}'")
+    tables = {int(getattr(m, "layer_index")): getattr(m, "subset_masks") for m in model.modules()
+              if getattr(m, "subset_masks", None) is not None}
+    return found[0], tables
+
+
+def check_runner(runner: Any) -> None:
+    """Fail loudly, naming the internal, if vLLM's runner no longer has what the hook reads."""
+    missing = [name for name in RUNNER_INTERNALS if not hasattr(runner, name)]
+    if not hasattr(getattr(runner, "input_batch", None), "req_ids"):
+        missing.append("input_batch.req_ids")
+    if not hasattr(getattr(runner, "req_indices", None), "np"):
+        missing.append("req_indices.np")
+    if missing:
+        raise RuntimeError(f"emo-vllm's expert-mask hook was written for vLLM {SUPPORTED_VLLM}'s V1 "
+                           f"model runner; {type(runner).__name__} lacks {', '.join(missing)}")
+
+
+def install_row_hook(runner: Any, masks: EmoExpertMasks) -> None:
+    """Wrap the runner's `_prepare_inputs` so that every step fills `masks.token_rows`."""
+    if getattr(runner, "_emo_masks_hooked", False):
+        return
+    check_runner(runner)
+    prepare = runner._prepare_inputs
+    rows_np = masks.token_rows.numpy()  # CPU buffer: a view, written in place
+
+    def _prepare_inputs(scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
+        out = prepare(scheduler_output, num_scheduled_tokens)
+        num_tokens = int(scheduler_output.total_num_scheduled_tokens)
+        batch = runner.input_batch
+        req_rows = np.fromiter((request_row(runner.requests[r], masks) for r in batch.req_ids[: batch.num_reqs]),
+                               dtype=np.int64, count=batch.num_reqs)
+        rows_np[:num_tokens] = req_rows[runner.req_indices.np[:num_tokens]]
+        return out
+
+    runner._prepare_inputs = _prepare_inputs
+    runner._emo_masks_hooked = True
+
+
+def request_row(state: Any, masks: EmoExpertMasks) -> int:
+    """A request's mask row; 0 (unmasked) when it names none, or one that is not installed."""
+    params = getattr(state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    row = extra.get(ROW_ARG, 0)
+    if not isinstance(row, int) or row not in masks.installed:
+        if row:
+            logger.warning("request %s names mask row %r, which is not installed; routing unmasked",
+                           getattr(state, "req_id", "?"), row)
+        return 0
+    return row
+
+
+class EmoWorkerExtension:
+    """Control calls on each worker (`--worker-extension-cls emo_vllm.masks.EmoWorkerExtension`).
+
+    The OpenAI server's `/collective_rpc` passes string arguments only; each method parses its
+    own JSON. Utility calls run between engine steps, so they never race a forward.
+    """
+
+    model_runner: Any
+
+    def emo_masks_attach(self) -> dict[str, Any]:
+        """Install the runner hook (idempotent); answer the table's shape."""
+        masks, tables = masks_of(self.model_runner.get_model())
+        install_row_hook(self.model_runner, masks)
+        return {"slots": masks.slots, "layers": {str(i): int(t.shape[1]) for i, t in sorted(tables.items())},
+                "installed": sorted(masks.installed)}
+
+    def emo_set_subset(self, row: str, key: str, kept: str) -> dict[str, Any]:
+        """Install mask row `row` for subset `key`: `kept` is JSON {layer: [engine expert ids kept]};
+        every id of a listed layer that is not kept gets -inf, other layers stay unmasked."""
+        masks, tables = masks_of(self.model_runner.get_model())
+        slot = int(row)
+        if not 0 < slot < masks.slots:
+            raise ValueError(f"mask row {slot} is outside 1..{masks.slots - 1}")
+        keep: dict[str, Sequence[int]] = json.loads(kept)
+        for layer, table in tables.items():
+            ids = keep.get(str(layer))
+            table[slot].zero_()
+            if ids is not None:
+                drop = torch.ones(table.shape[1], dtype=torch.bool)
+                drop[torch.tensor(list(ids), dtype=torch.long)] = False
+                table[slot].masked_fill_(drop, float("-inf"))
+        masks.installed[slot] = key
+        return {"row": slot, "key": key}
+
+    def emo_clear_subset(self, row: str) -> dict[str, Any]:
+        """Forget mask row `row`: the row is zeroed and requests naming it route unmasked."""
+        masks, tables = masks_of(self.model_runner.get_model())
+        slot = int(row)
+        for table in tables.values():
+            table[slot].zero_()
+        key = masks.installed.pop(slot, None)
+        return {"row": slot, "key": key}
+
+    def emo_installed(self) -> dict[str, str]:
+        """Installed rows and the subset each one belongs to."""
+        masks, _ = masks_of(self.model_runner.get_model())
+        return {str(r): k for r, k in sorted(masks.installed.items())}
+
+
+__all__ = ["EmoExpertMasks", "EmoWorkerExtension", "ROW_ARG", "SLOTS_CONFIG", "SUPPORTED_VLLM",
+           "check_runner", "install_row_hook", "masks_of"]
