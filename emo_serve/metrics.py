@@ -3,6 +3,8 @@ one process (tests) don't collide; `/metrics` renders it in the text exposition 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -28,6 +30,10 @@ class Metrics:
                                      ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.engine_crashes = Counter("emo_engine_crashes", "Engines that exited unexpectedly",
                                       ["model"], registry=r)
+        self.resident_experts = Gauge("emo_engine_resident_experts",
+                                      "Experts (summed over layers) resident in each shared engine",
+                                      ["engine"], registry=r)
+        self._before_render: list[Callable[[], None]] = []
         self.profiling = Histogram("emo_subset_profiling_seconds", "Seconds to profile and write a subset",
                                    ["method"], buckets=LOAD_BUCKETS, registry=r)
 
@@ -40,5 +46,11 @@ class Metrics:
         if isinstance(completion, int):
             self.generation_tokens.labels(model).inc(completion)
 
+    def on_render(self, hook: Callable[[], None]) -> None:
+        """Refresh gauges that are read from state (not counted as they change) before a scrape."""
+        self._before_render.append(hook)
+
     def render(self) -> bytes:
+        for hook in self._before_render:
+            hook()
         return generate_latest(self.registry)

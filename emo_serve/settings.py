@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
     allow_insecure_admin: bool = False
+    engine_mode: Literal["shared", "dedicated"] = Field(
+        "shared", description="shared: one vLLM engine serves the base and every subset (per-request expert "
+        "masks); dedicated: one engine per model")
+    subset_slots: int = Field(64, ge=2, le=4096, description="mask rows of a shared engine, row 0 being the "
+                              "unmasked base")
     max_engines: int = Field(2, ge=1, le=64)
     kv_cache_gb: float = Field(1.0, gt=0)
     serve_base: bool = True
@@ -79,7 +84,7 @@ class Settings(BaseSettings):
     max_examples: int = Field(64, ge=1)
     max_example_chars: int = Field(200_000, ge=1)
 
-    @field_validator("log_level", "dtype", "device", mode="before")
+    @field_validator("log_level", "dtype", "device", "engine_mode", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

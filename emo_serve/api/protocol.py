@@ -34,6 +34,9 @@ class _GenerationRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # Passed on to vLLM; typed here because the front end merges its own entries into them.
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
+    cache_salt: str | None = None
 
     def payload(self) -> dict[str, Any]:
         """The body passed on to the engine: the fields as the client sent them."""
@@ -81,6 +84,8 @@ class EmoModelInfo(BaseModel):
     kind: Literal["base", "subset"]
     state: str
     base: str
+    engine: str | None = Field(None, description="the vLLM engine serving this model (shared by several "
+                               "models in the shared engine mode)")
     experts_per_layer: list[int]
     base_experts_per_layer: list[int]
     params: int
@@ -195,6 +200,7 @@ class SubsetObject(BaseModel):
     profile_seconds: float | None = None
     error: str | None = None
     engine: dict[str, Any] | None = None
+    engine_id: str | None = Field(None, description="the vLLM engine serving this subset")
 
 
 class SubsetList(BaseModel):

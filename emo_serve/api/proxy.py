@@ -21,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..engines import Lease, ModelUnavailable
+from ..engines.placement import ROW_ARG
 from ..metrics import Metrics
 from .errors import error_body
 
@@ -67,10 +68,42 @@ def _close(upstream: aiohttp.ClientResponse, *, finished: bool) -> None:
         upstream.close()
 
 
+def engine_payload(payload: dict[str, Any], lease: Lease) -> dict[str, Any]:
+    """The body as the engine must see it: the engine's own model name, and on a shared engine
+    the subset's mask row and cache salt. What the client put in those places cannot select
+    another model's row or share its prefix-cache blocks: the row is always ours, and the salt
+    is ours with the client's appended (so a client's own salt still isolates its requests)."""
+    out = {**payload, "model": lease.served_name}
+    xargs = {k: v for k, v in (payload.get("vllm_xargs") or {}).items() if k != ROW_ARG}
+    xargs.update(lease.extra)
+    if xargs or "vllm_xargs" in payload:
+        out["vllm_xargs"] = xargs
+    if lease.salt is not None:
+        client = payload.get("cache_salt")
+        out["cache_salt"] = f"{lease.salt}:{client}" if client else lease.salt
+    return out
+
+
+class ModelRename:
+    """Rewrites `"model":"<engine name>"` to the model the client asked for. vLLM writes JSON
+    without spaces, and a quote inside a string value is escaped, so the pattern matches only the
+    field itself (model ids are letters, digits, `_`, `-` and `.`: nothing JSON escapes)."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.old = b'"model":' + json.dumps(lease.served_name).encode()
+        self.new = b'"model":' + json.dumps(lease.model).encode()
+        self.active = self.old != self.new
+
+    def __call__(self, data: bytes) -> bytes:
+        return data.replace(self.old, self.new) if self.active else data
+
+
 async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder: Recorder,
                   request_id: str | None) -> Response:
     """Send `payload` to the leased engine; the lease is released when the answer is complete
     (for a stream: when the stream ends, fails or its client goes away)."""
+    payload = engine_payload(payload, lease)
+    rename = ModelRename(lease)
     stream = bool(payload.get("stream"))
     options = payload.get("stream_options") or {}
     drop_usage = stream and not options.get("include_usage")
@@ -81,6 +114,9 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
         headers["x-request-id"] = request_id
     try:
         upstream = await lease.proc.client.post(endpoint, data=json.dumps(payload).encode(), headers=headers)
+        lease.upstream = upstream
+        if lease.aborted:  # force-unloaded while the request was being sent
+            upstream.close()
     except UPSTREAM_ERRORS as exc:
         lease.release()
         recorder.finish(503)
@@ -91,7 +127,7 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
         raise
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     if upstream.status == 200 and is_sse:
-        return ProxyStream(upstream, lease, recorder, drop_usage=drop_usage)
+        return ProxyStream(upstream, lease, recorder, drop_usage=drop_usage, rename=rename)
     status: int | str = upstream.status
     try:
         body = await upstream.read()
@@ -110,7 +146,7 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
             recorder.usage(json.loads(body).get("usage"))
         except (ValueError, AttributeError):
             pass
-    return Response(body, status_code=upstream.status,
+    return Response(rename(body), status_code=upstream.status,
                     media_type=upstream.headers.get("content-type", "application/json"))
 
 
@@ -118,8 +154,9 @@ class ProxyStream(StreamingResponse):
     """Server-sent events from the engine, passed through event by event."""
 
     def __init__(self, upstream: aiohttp.ClientResponse, lease: Lease, recorder: Recorder, *,
-                 drop_usage: bool) -> None:
+                 drop_usage: bool, rename: ModelRename) -> None:
         self.upstream, self.lease, self.recorder, self.drop_usage = upstream, lease, recorder, drop_usage
+        self.rename = rename
         self.outcome: int | str = "cancelled"
         super().__init__(self._events(), status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -133,9 +170,9 @@ class ProxyStream(StreamingResponse):
                     event, buf = buf[: end + 2], buf[end + 2 :]
                     if _USAGE in event and self._usage(event):
                         continue
-                    yield event
+                    yield self.rename(event)
             if buf:
-                yield buf
+                yield self.rename(buf)
             self.outcome = 200
         except UPSTREAM_ERRORS as exc:
             # Headers are sent; all that's left is an error event, as vLLM itself streams errors.

@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..checkpoint import Checkpoint
-from ..engines import (EngineError, EngineManager, EngineOptions, EngineState, ModelUnavailable, UnknownModel,
-                       engine_platform)
+from ..engines import (DedicatedPlacement, EngineError, EngineManager, EngineOptions, EngineState,
+                       ModelUnavailable, Placement, SharedPlacement, UnknownModel, engine_platform)
+from ..export import materialize_subset
 from ..errors import SubsetError
 from ..examples import load_examples
 from ..metrics import Metrics
@@ -45,6 +47,7 @@ class EmoService:
         self.base_id: str
         self.registry: SubsetRegistry
         self.engines: EngineManager
+        self.placement: Placement
         self.max_model_len = 0
         self._startup_models: list[str] = []
         self._ever_ready: set[str] = set()
@@ -88,14 +91,24 @@ class EmoService:
         self.engines = EngineManager(opts, max_engines=s.max_engines, wait_timeout=s.wait_timeout,
                                      on_load=self._on_engine_load,
                                      on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc())
+        if s.engine_mode == "shared":
+            shared = SharedPlacement(self.engines, slots=s.subset_slots, make_engine_dir=self._engine_dir,
+                                     num_layers=self.base.config.num_hidden_layers)
+            self.engines.set_on_started(shared.on_started)
+            self.placement = shared
+        else:
+            self.placement = DedicatedPlacement(self.engines)
         self.metrics.engines_loaded.set_function(lambda: self.engines.loaded_count)
+        self.metrics.on_render(self._engine_gauges)
         if self._base_dir is not None:
-            self.engines.register(self.base_id, self._base_dir)
+            self.placement.add_base(self.base_id, self._base_dir)
         for record in self.registry.records.values():
-            if record.state is SubsetState.READY:
-                self.engines.register(record.name, str(record.model_dir))
+            if record.state is SubsetState.READY and record.spec is not None:
+                await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir), grow=False)
+        if isinstance(self.placement, SharedPlacement):
+            await self.placement.place_pending()
         for model in self._startup_models:
-            await self.engines.load(model)
+            await self.placement.load(model)
         # Start-up objects (torch, tokenizers, pydantic schemas) never die: move them out of the
         # collector's reach, or every full collection walks them again (measured: a third of the
         # front end's CPU per request went to the GC).
@@ -113,6 +126,23 @@ class EmoService:
         cfg = self.base.config
         spec = make_subset(self.base, [routed_ids(cfg, i) for i in range(cfg.num_hidden_layers)], self.base_id)
         return str(self.registry.materialize(spec))
+
+    def _engine_dir(self, experts: list[list[int]], engine_id: str) -> str:
+        """A weightless model dir for a shared engine holding `experts` (the plugin reads only
+        their bytes from the base); runs on a worker thread."""
+        routed = [[e for e in ids if e in set(routed_ids(self.base.config, i))] for i, ids in enumerate(experts)]
+        spec = make_subset(self.base, routed, engine_id)
+        target = self.settings.state_dir / "engines" / engine_id
+        if target.exists():
+            shutil.rmtree(target)
+        return str(materialize_subset(self.base, spec, target))
+
+    def _engine_gauges(self) -> None:
+        if isinstance(self.placement, SharedPlacement):
+            total = sum(self.base.config.experts_per_layer)
+            for engine_id in list(self.placement.resident):
+                n = self.placement.resident_experts(engine_id)
+                self.metrics.resident_experts.labels(engine_id).set(total if n is None else n)
 
     async def stop(self) -> None:
         if hasattr(self, "registry"):
@@ -132,13 +162,13 @@ class EmoService:
     def readiness(self) -> Readiness:
         states = {}
         for model in self._startup_models:
-            engine = self.engines.get(model)
+            engine = self.placement.engine_of(model)
             states[model] = engine.state.value if engine else "missing"
         failed = [m for m, st in states.items() if st == EngineState.FAILED.value]
         ok = not failed and all(m in self._ever_ready for m in self._startup_models)
         detail = None
         if failed:
-            detail = "; ".join(self.engines.engines[m].error or m for m in failed)
+            detail = "; ".join(getattr(self.placement.engine_of(m), "error", None) or m for m in failed)
         return Readiness(status="ready" if ok else "not ready", models=states, detail=detail)
 
     def version(self) -> Version:
@@ -161,7 +191,7 @@ class EmoService:
             raise SubsetUnavailable(f"the subset `{model}` is still profiling; retry when its state is ready")
         if record is not None and record.state is SubsetState.FAILED:
             raise SubsetUnavailable(f"the subset `{model}` failed: {record.error}")
-        if self.engines.get(model) is None:
+        if not self.placement.placed(model):
             raise UnknownModel(model)
         return model
 
@@ -178,13 +208,18 @@ class EmoService:
         raise UnknownModel(model_id)
 
     def _engine_state(self, model: str) -> str:
-        engine = self.engines.get(model)
-        return engine.state.value if engine else "stopped"
+        state = self.placement.model_state(model)
+        return state.value if state else "stopped"
+
+    def _engine_id(self, model: str) -> str | None:
+        engine = self.placement.engine_of(model)
+        return engine.model_id if engine else None
 
     def _base_card(self) -> ModelCard:
         cfg, total = self.base.config, self.base.total_tensor_bytes
         params = sum(t.numel for t in self.base.tensors.values())
         info = EmoModelInfo(kind="base", state=self._engine_state(self.base_id), base=self.base_id,
+                            engine=self._engine_id(self.base_id),
                             experts_per_layer=cfg.experts_per_layer, base_experts_per_layer=cfg.experts_per_layer,
                             params=params, base_params=params, bytes=total, base_bytes=total)
         return ModelCard(id=self.base_id, created=self.started, root=self.base.location,
@@ -193,6 +228,7 @@ class EmoService:
     def _subset_card(self, r: SubsetRecord) -> ModelCard:
         assert r.spec is not None and r.sizes is not None
         info = EmoModelInfo(kind="subset", state=self._subset_state(r).value, base=self.base_id,
+                            engine=self._engine_id(r.name),
                             experts_per_layer=[len(e) for e in r.spec.experts],
                             base_experts_per_layer=self.base.config.experts_per_layer,
                             params=r.sizes["subset_params"], base_params=r.sizes["base_params"],
@@ -204,18 +240,19 @@ class EmoService:
     def _subset_state(self, r: SubsetRecord) -> SubsetState:
         if r.state is not SubsetState.READY:
             return r.state
-        engine = self.engines.get(r.name)
-        return _ENGINE_TO_SUBSET.get(engine.state, SubsetState.READY) if engine else SubsetState.READY
+        state = self.placement.model_state(r.name)
+        return _ENGINE_TO_SUBSET.get(state, SubsetState.READY) if state else SubsetState.READY
 
     def subset(self, name: str) -> SubsetObject:
         r = self.registry.get(name)
-        engine = self.engines.get(name)
+        engine = self.placement.engine_of(name)
         state = self._subset_state(r)
         error = r.error or (engine.error if engine and state is SubsetState.FAILED else None)
         out = SubsetObject(id=r.name, state=state.value, created=r.created, base=self.base_id,
                            base_fingerprint=self.base.fingerprint, error=error,
                            profile_seconds=r.profile_seconds,
-                           engine=engine.info() if engine and engine.state is not EngineState.STOPPED else None)
+                           engine=engine.info() if engine and engine.state is not EngineState.STOPPED else None,
+                           engine_id=engine.model_id if engine else None)
         if r.spec is not None and r.sizes is not None:
             p = r.spec.provenance
             out.experts, out.experts_per_layer = r.spec.experts, [len(e) for e in r.spec.experts]
@@ -280,17 +317,18 @@ class EmoService:
     async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:
         if record.state is not SubsetState.READY:
             return
-        self.engines.register(record.name, str(record.model_dir))
+        assert record.spec is not None
+        await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir))
         if load:
             try:
-                await self.engines.load(record.name)
+                await self.placement.load(record.name)
             except EngineError as exc:  # no free slot: the subset stays ready; say why
                 log.warning("could not load subset", extra={"subset": record.name, "error": str(exc)})
 
     async def delete_subset(self, name: str, *, force: bool) -> None:
         self.registry.get(name)
-        if self.engines.get(name) is not None:
-            await self.engines.unregister(name, force=force)
+        if self.placement.placed(name):
+            await self.placement.remove(name, force=force)
         self.registry.remove(name)
 
     def _servable(self, name: str) -> None:
@@ -301,12 +339,12 @@ class EmoService:
 
     async def load_subset(self, name: str) -> SubsetObject:
         self._servable(name)
-        await self.engines.load(name)
+        await self.placement.load(name)
         return self.subset(name)
 
     async def unload_subset(self, name: str, *, force: bool) -> SubsetObject:
         self._servable(name)
-        await self.engines.unload(name, force=force)
+        await self.placement.unload(name, force=force)
         return self.subset(name)
 
     async def tokenizer(self) -> Any:

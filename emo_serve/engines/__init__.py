@@ -1,11 +1,12 @@
-"""vLLM engines behind the front end: one OpenAI server child process per loaded model."""
+"""vLLM engines behind the front end: OpenAI server child processes, and which models each serves."""
 
 from __future__ import annotations
 
 from .manager import (CapacityExhausted, Engine, EngineError, EngineManager, EngineState, Lease,
                       ModelInUse, ModelUnavailable, UnknownModel)
+from .placement import DedicatedPlacement, Placement, SharedPlacement
 from .process import EngineOptions, EngineProcess, EngineStartError, engine_platform
 
-__all__ = ["CapacityExhausted", "Engine", "EngineError", "EngineManager", "EngineOptions",
+__all__ = ["CapacityExhausted", "DedicatedPlacement", "Engine", "EngineError", "EngineManager", "EngineOptions",
            "EngineProcess", "EngineStartError", "EngineState", "Lease", "ModelInUse",
-           "ModelUnavailable", "UnknownModel", "engine_platform"]
+           "ModelUnavailable", "Placement", "SharedPlacement", "UnknownModel", "engine_platform"]

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -59,6 +60,9 @@ class Engine:
 
     model_id: str
     model_dir: str
+    # Added to this engine's command line and environment (the shared engine's mask hooks).
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
     state: EngineState = EngineState.STOPPED
     proc: EngineProcess | None = None
     inflight: int = 0
@@ -69,6 +73,7 @@ class Engine:
     starts: int = 0
     crashes: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)
+    leases: set["Lease"] = field(default_factory=set, repr=False)
 
     @property
     def resident(self) -> bool:
@@ -83,16 +88,40 @@ class Engine:
 
 
 class Lease:
-    """One request's hold on a ready engine; `release()` is idempotent."""
+    """One request's hold on a ready engine; `release()` is idempotent.
 
-    def __init__(self, manager: "EngineManager", engine: Engine) -> None:
+    `model` is the model the request is for (on a shared engine, one of several), `extra` what
+    the placement adds to its body (mask row, cache salt); `upstream` is set by the proxy while
+    the engine answers, so that `abort()` can end the request (vLLM aborts a request whose
+    connection closes).
+    """
+
+    def __init__(self, manager: "EngineManager", engine: Engine, model: str | None = None) -> None:
         self._manager, self.engine, self._released = manager, engine, False
         assert engine.proc is not None
         self.proc = engine.proc
+        self.model = model or engine.model_id
+        self.extra: dict[str, Any] = {}
+        self.salt: str | None = None
+        self.upstream: Any = None
+        self.aborted = False
+        engine.leases.add(self)
+
+    @property
+    def served_name(self) -> str:
+        """The name the engine itself serves (and writes in `model` of its answers)."""
+        return self.engine.model_id
+
+    def abort(self) -> None:
+        """End the request now (forced unload of its model): close its upstream connection."""
+        self.aborted = True
+        if self.upstream is not None:
+            self.upstream.close()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            self.engine.leases.discard(self)
             self.engine.inflight -= 1
             self.engine.last_used = time.monotonic()
             self._manager._changed()
@@ -101,11 +130,12 @@ class Lease:
 class EngineManager:
     def __init__(self, opts: EngineOptions, *, max_engines: int, wait_timeout: float,
                  on_load: Callable[[str, float], None] | None = None,
-                 on_crash: Callable[[str], None] | None = None) -> None:
+                 on_crash: Callable[[str], None] | None = None,
+                 on_started: Callable[[Engine, EngineProcess], Awaitable[None]] | None = None) -> None:
         self.opts = opts
         self.max_engines = max_engines
         self.wait_timeout = wait_timeout
-        self._on_load, self._on_crash = on_load, on_crash
+        self._on_load, self._on_crash, self._on_started = on_load, on_crash, on_started
         self.engines: dict[str, Engine] = {}
         self._event = asyncio.Event()
         self._closing = False
@@ -113,6 +143,10 @@ class EngineManager:
         self.opts = EngineOptions(**{**opts.__dict__, "socket_dir": Path(self._socket_tmp.name)})
         self._slots = 0
         self._background: set[asyncio.Task] = set()
+
+    def set_on_started(self, hook: Callable[[Engine, EngineProcess], Awaitable[None]]) -> None:
+        """Run `hook` after an engine answers its health check and before it is marked ready."""
+        self._on_started = hook
 
     def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
         """A fire-and-forget task that is kept referenced until it ends."""
@@ -122,10 +156,11 @@ class EngineManager:
         return task
 
     # -- registry of models --------------------------------------------------------------------
-    def register(self, model_id: str, model_dir: str) -> Engine:
+    def register(self, model_id: str, model_dir: str, *, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> Engine:
         engine = self.engines.get(model_id)
         if engine is None:
-            engine = self.engines[model_id] = Engine(model_id, model_dir)
+            engine = self.engines[model_id] = Engine(model_id, model_dir, extra_args, dict(env or {}))
         return engine
 
     async def unregister(self, model_id: str, *, force: bool = False) -> None:
@@ -154,7 +189,7 @@ class EngineManager:
         return True
 
     # -- requests ------------------------------------------------------------------------------
-    async def acquire(self, model_id: str) -> Lease:
+    async def acquire(self, model_id: str, *, model: str | None = None) -> Lease:
         """Hold a ready engine for one request, starting it (and evicting an idle one) if needed;
         waits at most `wait_timeout` for a start in progress."""
         engine = self.engines.get(model_id)
@@ -171,7 +206,7 @@ class EngineManager:
                 if engine.state is EngineState.READY and engine.proc and engine.proc.alive:
                     engine.inflight += 1
                     engine.last_used = time.monotonic()
-                    return Lease(self, engine)
+                    return Lease(self, engine, model)
                 self._advance(engine)
                 if not await self._wait_change(deadline):
                     raise ModelUnavailable(
@@ -233,7 +268,8 @@ class EngineManager:
         engine.state = EngineState.STARTING
         engine.error = None
         engine.starts += 1
-        engine.proc = EngineProcess(engine.model_id, engine.model_dir, self.opts, self._slots)
+        engine.proc = EngineProcess(engine.model_id, engine.model_dir, self.opts, self._slots,
+                                    extra_args=engine.extra_args, env=engine.env)
         engine.task = asyncio.create_task(self._run(engine, engine.proc))
         self._changed()
 
@@ -242,6 +278,8 @@ class EngineManager:
         t0 = time.monotonic()
         try:
             await proc.start()
+            if self._on_started is not None:  # e.g. install the shared engine's mask rows
+                await self._on_started(engine, proc)
         except EngineStartError as exc:
             log.error("engine failed to start", extra={"model": engine.model_id, "error": str(exc)})
             await proc.stop()

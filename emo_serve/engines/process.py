@@ -21,6 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -80,8 +81,8 @@ def engine_command(model_dir: str, model_id: str, socket_path: Path, opts: Engin
     return cmd + list(opts.extra_args)
 
 
-def engine_env() -> dict[str, str]:
-    env = dict(os.environ)
+def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
     # This legacy variable overrides --kv-cache-memory-bytes on CPU; the flag is the one source.
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
@@ -93,10 +94,12 @@ def engine_env() -> dict[str, str]:
 class EngineProcess:
     """A started (or starting) vLLM server child and an HTTP client bound to its socket."""
 
-    def __init__(self, model_id: str, model_dir: str, opts: EngineOptions, slot: int) -> None:
+    def __init__(self, model_id: str, model_dir: str, opts: EngineOptions, slot: int, *,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.model_id = model_id
         self.model_dir = model_dir
         self.opts = opts
+        self.extra_args, self.extra_env = extra_args, env
         self.socket_path = opts.socket_dir / f"e{slot}.sock"
         self.log_path = opts.logs_dir / f"engine-{model_id}.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -122,13 +125,13 @@ class EngineProcess:
         exits first or takes longer than the start timeout (then it is stopped)."""
         self.opts.logs_dir.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
-        cmd = engine_command(self.model_dir, self.model_id, self.socket_path, self.opts)
+        cmd = engine_command(self.model_dir, self.model_id, self.socket_path, self.opts) + list(self.extra_args)
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             logf.flush()
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                env=engine_env(), start_new_session=True)
+                env=engine_env(self.extra_env), start_new_session=True)
         log.info("engine starting", extra={"model": self.model_id, "pid": self.proc.pid,
                                            "log": str(self.log_path)})
         deadline = time.monotonic() + self.opts.start_timeout
@@ -148,6 +151,17 @@ class EngineProcess:
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass
             await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+    async def rpc(self, method: str, *args: str, timeout: float = 30.0) -> list[Any]:
+        """Call a worker method through the engine's `/collective_rpc` (only shared engines are
+        started with it, on their private socket); one result per worker."""
+        body = {"method": method, "args": list(args)}
+        async with self.client.post("/collective_rpc", json=body,
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            if r.status != 200:
+                raise EngineStartError(f"engine for {self.model_id!r}: {method} answered {r.status}: "
+                                       f"{(await r.text())[:500]}")
+            return list((await r.json()).get("results") or [])
 
     async def wait(self) -> int:
         assert self.proc is not None

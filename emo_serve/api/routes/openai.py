@@ -64,7 +64,7 @@ async def _generate(service: EmoService, request: Request, endpoint: str,
 
     async def work() -> Response:
         try:
-            lease = await service.engines.acquire(model)
+            lease = await service.placement.acquire(model)
         except Exception as exc:
             recorder.finish(from_exception(exc).status)
             raise
