@@ -83,13 +83,26 @@ class Settings(BaseSettings):
     max_n: int = Field(16, ge=1)
     max_examples: int = Field(64, ge=1)
     max_example_chars: int = Field(200_000, ge=1)
+    # Supervision and timeouts (a hung engine or a client that stops reading must not hold a slot).
+    probe_interval: float = Field(10.0, gt=0, description="seconds between health probes of each ready engine")
+    probe_timeout: float = Field(5.0, gt=0, description="seconds an engine has to answer a health probe")
+    probe_misses: int = Field(3, ge=1, description="missed probes in a row before an engine is killed")
+    upstream_read_timeout: float = Field(900.0, gt=0, description="seconds to wait for an engine's whole "
+                                         "non-streamed answer (504 after)")
+    upstream_idle_timeout: float = Field(300.0, gt=0, description="seconds a streamed answer may pause "
+                                         "between events before it is ended with an error")
+    client_send_timeout: float = Field(30.0, gt=0, description="seconds a client may leave a streamed "
+                                       "answer unread before it is dropped and its request aborted")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host header values accepted (comma-separated; '*' = any). "
+        "Default: loopback names when no API key is set (against DNS rebinding), any host otherwise")
 
     @field_validator("log_level", "dtype", "device", "engine_mode", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("preload_subsets", mode="before")
+    @field_validator("preload_subsets", "allowed_hosts", mode="before")
     @classmethod
     def _paths(cls, v: Any) -> Any:
         return _split_list(v)
@@ -125,6 +138,17 @@ class Settings(BaseSettings):
     def effective_admin_key(self) -> SecretStr | None:
         """The admin key defaults to the API key."""
         return self.admin_key or self.api_key
+
+    @property
+    def host_allowlist(self) -> frozenset[str] | None:
+        """Host names (without port) the server answers; None: any. A keyless server is open
+        to whoever reaches it, and a web page can reach a loopback port by DNS rebinding (its own
+        name resolving to 127.0.0.1): the Host header it sends is then its own name."""
+        if self.allowed_hosts:
+            return None if "*" in self.allowed_hosts else frozenset(h.lower() for h in self.allowed_hosts)
+        if self.api_key is None:
+            return frozenset(LOOPBACK_NAMES | {"127.0.0.1", "::1"})
+        return None
 
     @property
     def wait_timeout(self) -> float:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engines import CapacityExhausted, EngineError, ModelInUse, ModelUnavailable, UnknownModel
+from ..engines.manager import UpstreamTimeout
 from ..errors import EmoServeError
 from ..registry import NameTaken, SubsetNotFound
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
          413: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-         503: "service_unavailable_error"}
+         503: "service_unavailable_error", 504: "timeout_error"}
 
 
 class ErrorInfo(BaseModel):
@@ -71,6 +72,8 @@ def from_exception(exc: Exception) -> APIError:
         return model_not_found(str(exc))
     if isinstance(exc, CapacityExhausted):
         return APIError(429, str(exc), code="engine_capacity_exhausted", headers={"Retry-After": "5"})
+    if isinstance(exc, UpstreamTimeout):
+        return APIError(504, str(exc), param="model", code="upstream_timeout")
     if isinstance(exc, ModelUnavailable):
         return APIError(503, str(exc), param="model", code="model_unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, ModelInUse):

@@ -36,5 +36,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(subsets.router, dependencies=[ApiKey])
     app.include_router(health.router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
-                       max_header_bytes=settings.max_header_bytes)
+                       max_header_bytes=settings.max_header_bytes, allowed_hosts=settings.host_allowlist)
     return app

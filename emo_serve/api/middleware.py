@@ -1,4 +1,5 @@
-"""The outermost layer of every request: a request id, a bound on the body, one log line.
+"""The outermost layer of every request: a request id, the Host allowlist, a bound on the body,
+one log line.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware), so streamed responses pass through untouched and
 the body limit holds for chunked uploads that carry no Content-Length.
@@ -28,9 +29,24 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes")
 
 
+# Probes and scrapers address the server by whatever name reaches it (a pod IP, a compose
+# service name) and these routes are unauthenticated anyway: no Host check.
+HOST_EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def host_name(value: bytes) -> str:
+    """The host part of a Host header (`name`, `name:port`, `[v6]:port`), lower-cased."""
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class RequestContext:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_header_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_header_bytes: int,
+                 allowed_hosts: frozenset[str] | None = None) -> None:
         self.app, self.max_body_bytes, self.max_header_bytes = app, max_body_bytes, max_header_bytes
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,7 +84,12 @@ class RequestContext:
             # this catches the ones that arrived in one read.
             header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or ())
             length = headers.get(b"content-length")
-            if header_bytes > self.max_header_bytes:
+            host = host_name(headers.get(b"host", b""))
+            if (self.allowed_hosts is not None and scope.get("path") not in HOST_EXEMPT_PATHS
+                    and host not in self.allowed_hosts):
+                await _reject(send_tagged, 400, f"the Host header `{host[:64]}` is not one this server answers "
+                              "(see --allowed-hosts)")
+            elif header_bytes > self.max_header_bytes:
                 await _reject(send_tagged, 431, f"request headers are larger than the limit of "
                               f"{self.max_header_bytes} bytes")
             elif length is not None and (not length.isdigit() or int(length) > limit):

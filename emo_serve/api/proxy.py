@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..engines import Lease, ModelUnavailable
+from ..engines.manager import UpstreamTimeout
 from ..engines.placement import ROW_ARG
 from ..metrics import Metrics
 from .errors import error_body
 
 _USAGE = b'"usage":{'
 _NO_CHOICES = b'"choices":[]'
+log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -54,7 +58,19 @@ class Recorder:
 UPSTREAM_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError)
 
 
-def _unavailable(model: str, exc: BaseException) -> ModelUnavailable:
+@dataclass(frozen=True)
+class RelayTimeouts:
+    """Bounds of one relayed request (see Settings): `read` for a whole non-streamed answer,
+    `idle` between two events of a stream, `send` for a client to take an event."""
+
+    read: float = 900.0
+    idle: float = 300.0
+    send: float = 30.0
+
+
+def _unavailable(model: str, exc: BaseException, timeout: float | None = None) -> ModelUnavailable:
+    if isinstance(exc, asyncio.TimeoutError) and timeout is not None:
+        return UpstreamTimeout(f"the engine of `{model}` did not answer within {timeout:.0f} s")
     return ModelUnavailable(f"the engine of `{model}` failed during the request ({type(exc).__name__}); "
                             "it restarts on the next request")
 
@@ -99,12 +115,13 @@ class ModelRename:
 
 
 async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder: Recorder,
-                  request_id: str | None) -> Response:
+                  request_id: str | None, timeouts: RelayTimeouts = RelayTimeouts()) -> Response:
     """Send `payload` to the leased engine; the lease is released when the answer is complete
     (for a stream: when the stream ends, fails or its client goes away)."""
     payload = engine_payload(payload, lease)
     rename = ModelRename(lease)
     stream = bool(payload.get("stream"))
+    read_timeout = timeouts.idle if stream else timeouts.read
     options = payload.get("stream_options") or {}
     drop_usage = stream and not options.get("include_usage")
     if drop_usage:  # ask for usage to count tokens; the chunk is removed from what the client sees
@@ -113,27 +130,31 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
     if request_id:
         headers["x-request-id"] = request_id
     try:
-        upstream = await lease.proc.client.post(endpoint, data=json.dumps(payload).encode(), headers=headers)
+        upstream = await lease.proc.client.post(
+            endpoint, data=json.dumps(payload).encode(), headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=read_timeout))
         lease.upstream = upstream
         if lease.aborted:  # force-unloaded while the request was being sent
             upstream.close()
     except UPSTREAM_ERRORS as exc:
         lease.release()
-        recorder.finish(503)
-        raise _unavailable(recorder.model, exc) from None
+        error = _unavailable(recorder.model, exc, read_timeout)
+        recorder.finish(504 if isinstance(error, UpstreamTimeout) else 503)
+        raise error from None
     except BaseException:
         lease.release()
         recorder.finish("cancelled")
         raise
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     if upstream.status == 200 and is_sse:
-        return ProxyStream(upstream, lease, recorder, drop_usage=drop_usage, rename=rename)
+        return ProxyStream(upstream, lease, recorder, drop_usage=drop_usage, rename=rename, timeouts=timeouts)
     status: int | str = upstream.status
     try:
         body = await upstream.read()
     except UPSTREAM_ERRORS as exc:
-        status = 503
-        raise _unavailable(recorder.model, exc) from None
+        error = _unavailable(recorder.model, exc, read_timeout)
+        status = 504 if isinstance(error, UpstreamTimeout) else 503
+        raise error from None
     except BaseException:
         status = "cancelled"
         raise
@@ -150,14 +171,19 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
                     media_type=upstream.headers.get("content-type", "application/json"))
 
 
+class ClientTooSlow(Exception):
+    """The client left a streamed answer unread past the send timeout."""
+
+
 class ProxyStream(StreamingResponse):
     """Server-sent events from the engine, passed through event by event."""
 
     def __init__(self, upstream: aiohttp.ClientResponse, lease: Lease, recorder: Recorder, *,
-                 drop_usage: bool, rename: ModelRename) -> None:
+                 drop_usage: bool, rename: ModelRename, timeouts: RelayTimeouts) -> None:
         self.upstream, self.lease, self.recorder, self.drop_usage = upstream, lease, recorder, drop_usage
-        self.rename = rename
+        self.rename, self.timeouts = rename, timeouts
         self.outcome: int | str = "cancelled"
+        self.last_usage: Any = None  # counted once, when the stream ends
         super().__init__(self._events(), status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _events(self) -> AsyncIterator[bytes]:
@@ -176,25 +202,43 @@ class ProxyStream(StreamingResponse):
             self.outcome = 200
         except UPSTREAM_ERRORS as exc:
             # Headers are sent; all that's left is an error event, as vLLM itself streams errors.
-            self.outcome = 503
-            err = error_body(503, str(_unavailable(self.recorder.model, exc)), code="model_unavailable")
+            error = _unavailable(self.recorder.model, exc, self.timeouts.idle)
+            self.outcome = 504 if isinstance(error, UpstreamTimeout) else 503
+            code = "upstream_timeout" if isinstance(error, UpstreamTimeout) else "model_unavailable"
+            err = error_body(self.outcome, str(error), code=code)
             yield b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
 
     def _usage(self, event: bytes) -> bool:
-        """Record the usage chunk; True if it should be dropped (the client didn't ask for it)."""
+        """Keep the newest usage (with `continuous_usage_stats` every chunk carries the running
+        totals, so only the last one counts); True if the event should be dropped (the usage-only
+        chunk the client didn't ask for)."""
         try:
             data = json.loads(event.removeprefix(b"data: "))
-            self.recorder.usage(data.get("usage"))
+            if data.get("usage") is not None:
+                self.last_usage = data["usage"]
         except (ValueError, AttributeError):
             return False
         return self.drop_usage and _NO_CHOICES in event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_bounded(message: Message) -> None:
+            # uvicorn's send waits while the client's socket buffer is full: a client that stops
+            # reading would hold its lease (and an engine slot) for as long as it likes.
+            try:
+                await asyncio.wait_for(send(message), self.timeouts.send)
+            except asyncio.TimeoutError:
+                self.outcome = "client_timeout"
+                raise ClientTooSlow(f"client did not read for {self.timeouts.send:.0f} s") from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_bounded)
+        except ClientTooSlow as exc:
+            log.warning("dropped a client that stopped reading", extra={"model": self.recorder.model,
+                                                                         "error": str(exc)})
         finally:
             _close(self.upstream, finished=self.outcome == 200)
             self.lease.release()
+            self.recorder.usage(self.last_usage)
             self.recorder.finish(self.outcome)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from urllib.parse import urlsplit, urlunsplit
 import logging
 import shutil
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..checkpoint import Checkpoint
+from ..engines.manager import Probe
 from ..engines import (DedicatedPlacement, EngineError, EngineManager, EngineOptions, EngineState,
                        ModelUnavailable, Placement, SharedPlacement, UnknownModel, engine_platform)
 from ..export import materialize_subset
@@ -25,10 +27,28 @@ from ..metrics import Metrics
 from ..registry import ProfileJob, QualitySizing, SizeSelection, SubsetRecord, SubsetRegistry, SubsetState
 from ..settings import DEFAULT_MODEL_ID, Settings, derive_model_id, resolve_default_model
 from ..subset import SubsetSpec, make_subset, routed_ids
+from .proxy import RelayTimeouts
 from .protocol import (EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate,
                        SubsetObject, Version)
 
 log = logging.getLogger(__name__)
+
+def public_location(location: str) -> str:
+    """A base's location as clients may see it: a URL without credentials, query or fragment
+    (signed URLs carry their signature in the query)."""
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def is_hub_location(location: str) -> bool:
+    """Weights from the Hugging Face Hub: an `hf://` URL or a bare `org/name` id."""
+    return location.startswith("hf://") or ("://" not in location and not Path(location).exists())
+
 
 _ENGINE_TO_SUBSET = {EngineState.STARTING: SubsetState.LOADING, EngineState.READY: SubsetState.LOADED,
                      EngineState.FAILED: SubsetState.FAILED}
@@ -87,10 +107,13 @@ class EmoService:
         opts = EngineOptions(logs_dir=s.logs_dir, socket_dir=s.state_dir, kv_cache_gb=s.kv_cache_gb,
                              tensor_parallel_size=s.tensor_parallel_size, max_model_len=s.max_model_len,
                              dtype=s.dtype, platform=engine_platform(s.device),
-                             start_timeout=s.engine_start_timeout, extra_args=tuple(s.engine_args))
+                             start_timeout=s.engine_start_timeout, extra_args=tuple(s.engine_args),
+                             pass_hub_token=is_hub_location(self.base.location))
         self.engines = EngineManager(opts, max_engines=s.max_engines, wait_timeout=s.wait_timeout,
                                      on_load=self._on_engine_load,
-                                     on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc())
+                                     on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc(),
+                                     probe=Probe(s.probe_interval, s.probe_timeout, s.probe_misses))
+        self.relay_timeouts = RelayTimeouts(s.upstream_read_timeout, s.upstream_idle_timeout, s.client_send_timeout)
         if s.engine_mode == "shared":
             shared = SharedPlacement(self.engines, slots=s.subset_slots, make_engine_dir=self._engine_dir,
                                      num_layers=self.base.config.num_hidden_layers)
@@ -164,11 +187,12 @@ class EmoService:
         for model in self._startup_models:
             engine = self.placement.engine_of(model)
             states[model] = engine.state.value if engine else "missing"
-        failed = [m for m, st in states.items() if st == EngineState.FAILED.value]
-        ok = not failed and all(m in self._ever_ready for m in self._startup_models)
+        down = [m for m in self._startup_models if (e := self.placement.engine_of(m)) is not None and e.down]
+        ok = not down and all((e := self.placement.engine_of(m)) is not None and e.model_id in self._ever_ready
+                              for m in self._startup_models)
         detail = None
-        if failed:
-            detail = "; ".join(getattr(self.placement.engine_of(m), "error", None) or m for m in failed)
+        if down:  # short reasons only: /ready is unauthenticated (the engine logs go to the server log)
+            detail = "; ".join(getattr(self.placement.engine_of(m), "error", None) or m for m in down)
         return Readiness(status="ready" if ok else "not ready", models=states, detail=detail)
 
     def version(self) -> Version:
@@ -222,7 +246,7 @@ class EmoService:
                             engine=self._engine_id(self.base_id),
                             experts_per_layer=cfg.experts_per_layer, base_experts_per_layer=cfg.experts_per_layer,
                             params=params, base_params=params, bytes=total, base_bytes=total)
-        return ModelCard(id=self.base_id, created=self.started, root=self.base.location,
+        return ModelCard(id=self.base_id, created=self.started, root=public_location(self.base.location),
                          max_model_len=self.max_model_len, emo=info)
 
     def _subset_card(self, r: SubsetRecord) -> ModelCard:
@@ -357,6 +381,14 @@ class EmoService:
 
     def engine_info(self) -> list[dict[str, Any]]:
         return [e.info() for e in self.engines.engines.values()]
+
+    def engine_failure(self, engine_id: str) -> dict[str, Any]:
+        """Why an engine last failed, with its log tail (admins only)."""
+        engine = self.engines.get(engine_id)
+        if engine is None:
+            raise UnknownModel(engine_id)
+        return {"engine": engine_id, "state": engine.state.value, "error": engine.error,
+                "failures": engine.failures, "detail": engine.detail}
 
     @property
     def state_dir(self) -> Path:

@@ -68,6 +68,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     extra.add_argument("--max-n", type=positive_int, help="largest `n` per request (EMO_MAX_N, default 16)")
     extra.add_argument("--max-examples", type=positive_int, help="profiling examples per subset (EMO_MAX_EXAMPLES)")
     extra.add_argument("--max-example-chars", type=positive_int, help="characters per example (EMO_MAX_EXAMPLE_CHARS)")
+    for name in ("probe_interval", "probe_timeout", "upstream_read_timeout", "upstream_idle_timeout",
+                 "client_send_timeout"):
+        extra.add_argument(f"--{name.replace('_', '-')}", type=float,
+                           help=f"{_field_help(name)} (EMO_{name.upper()})")
+    extra.add_argument("--probe-misses", type=positive_int, help=f"{_field_help('probe_misses')} (EMO_PROBE_MISSES)")
+    extra.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
+                       help=f"{_field_help('allowed_hosts')} (EMO_ALLOWED_HOSTS)")
+
+
+def _field_help(name: str) -> str:
+    from ..settings import Settings
+
+    return Settings.model_fields[name].description or name
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -22,8 +23,27 @@ from .process import STOP_GRACE_SECONDS, EngineOptions, EngineProcess, EngineSta
 
 log = logging.getLogger(__name__)
 
-FAILED_RETRY_SECONDS = 10.0  # after a failed start, requests fail fast for this long, then retry
+FAILED_RETRY_SECONDS = 10.0  # first back-off after a failed start; doubles per failure in a row
+MAX_RETRY_SECONDS = 300.0
+STABLE_SECONDS = 120.0  # an engine that served this long before crashing starts a new failure count
 FORCED_STOP_GRACE = 2.0
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds to wait before starting an engine again after `failures` failures in a row (failed
+    starts, crashes soon after a start, missed health probes): none after a first crash of a
+    healthy engine, then 10 s, 20 s, 40 s ... up to 5 minutes."""
+    return 0.0 if failures <= 1 else min(FAILED_RETRY_SECONDS * 2 ** (failures - 2), MAX_RETRY_SECONDS)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The health probe of a ready engine: `/health` every `interval` s, each answer within
+    `timeout` s; after `misses` misses in a row the engine is killed and marked failed."""
+
+    interval: float = 10.0
+    timeout: float = 5.0
+    misses: int = 3
 
 
 class EngineState(str, Enum):
@@ -44,6 +64,10 @@ class UnknownModel(EngineError):
 
 class ModelUnavailable(EngineError):
     """The engine is down, failed to start, or did not become ready in time (503)."""
+
+
+class UpstreamTimeout(ModelUnavailable):
+    """The engine did not answer a request in time (504)."""
 
 
 class CapacityExhausted(EngineError):
@@ -70,10 +94,23 @@ class Engine:
     last_used: float = 0.0
     error: str | None = None
     failed_at: float = 0.0
+    failures: int = 0  # in a row; sets the back-off before the next start
+    crashed: bool = False  # stopped by a crash or a failed start, not yet back
+    detail: str | None = None  # the failure's engine log tail: server log and admins only
+    ready_at: float = 0.0
     starts: int = 0
     crashes: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)
     leases: set["Lease"] = field(default_factory=set, repr=False)
+
+    @property
+    def retry_at(self) -> float:
+        return self.failed_at + retry_delay(self.failures)
+
+    @property
+    def down(self) -> bool:
+        """Failed, or stopped by a crash and not yet back: what `/ready` reports."""
+        return self.state is EngineState.FAILED or (self.state is EngineState.STOPPED and self.crashed)
 
     @property
     def resident(self) -> bool:
@@ -84,6 +121,7 @@ class Engine:
                 "waiting": self.waiters, "pid": self.proc.pid if self.proc else None,
                 "socket": str(self.proc.socket_path) if self.proc else None,
                 "starts": self.starts, "crashes": self.crashes, "error": self.error,
+                "retry_in_seconds": round(max(0.0, self.retry_at - time.monotonic()), 1) if self.failures else None,
                 "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.last_used else None}
 
 
@@ -131,11 +169,13 @@ class EngineManager:
     def __init__(self, opts: EngineOptions, *, max_engines: int, wait_timeout: float,
                  on_load: Callable[[str, float], None] | None = None,
                  on_crash: Callable[[str], None] | None = None,
-                 on_started: Callable[[Engine, EngineProcess], Awaitable[None]] | None = None) -> None:
+                 on_started: Callable[[Engine, EngineProcess], Awaitable[None]] | None = None,
+                 probe: Probe | None = None) -> None:
         self.opts = opts
         self.max_engines = max_engines
         self.wait_timeout = wait_timeout
         self._on_load, self._on_crash, self._on_started = on_load, on_crash, on_started
+        self.probe = probe or Probe()
         self.engines: dict[str, Engine] = {}
         self._event = asyncio.Event()
         self._closing = False
@@ -243,14 +283,18 @@ class EngineManager:
         the least recently used idle engine. Raises if nothing can make progress."""
         if engine.state in (EngineState.STARTING, EngineState.STOPPING):
             return
-        if engine.state is EngineState.FAILED and time.monotonic() - engine.failed_at < FAILED_RETRY_SECONDS:
-            raise ModelUnavailable(engine.error or f"the engine of `{engine.model_id}` failed")
+        if engine.down and time.monotonic() < engine.retry_at:
+            raise ModelUnavailable((engine.error or f"the engine of `{engine.model_id}` failed")
+                                   + f"; next start in {engine.retry_at - time.monotonic():.0f} s")
         if engine.state is EngineState.READY:  # marked ready but its process is gone
             engine.state = EngineState.STOPPED
         resident = [e for e in self.engines.values() if e.resident]
         if len(resident) < self.max_engines:
             self._start(engine)
             return
+        if engine.down:  # never stop a healthy engine to retry one that keeps failing
+            raise ModelUnavailable((engine.error or f"the engine of `{engine.model_id}` failed")
+                                   + "; it is retried when an engine slot is free")
         if any(e.state is EngineState.STOPPING for e in resident):
             return  # a slot is being freed; wait for it
         idle = [e for e in resident if e.state is EngineState.READY and not e.inflight and not e.waiters]
@@ -281,32 +325,67 @@ class EngineManager:
             if self._on_started is not None:  # e.g. install the shared engine's mask rows
                 await self._on_started(engine, proc)
         except EngineStartError as exc:
-            log.error("engine failed to start", extra={"model": engine.model_id, "error": str(exc)})
+            log.error("engine failed to start", extra={"model": engine.model_id, "error": str(exc),
+                                                       "log_tail": exc.detail})
             await proc.stop()
             if engine.proc is proc:
-                engine.state, engine.error, engine.failed_at = EngineState.FAILED, str(exc), time.monotonic()
-                engine.proc = None
+                engine.state, engine.error, engine.detail = EngineState.FAILED, str(exc), exc.detail
+                engine.failed_at, engine.proc = time.monotonic(), None
+                engine.failures = max(engine.failures, 1) + 1  # a failed start always backs off
+                engine.crashed = True
             self._changed()
             return
         except asyncio.CancelledError:
             await proc.stop()
             raise
         seconds = time.monotonic() - t0
-        engine.state, engine.last_used = EngineState.READY, time.monotonic()
+        engine.state, engine.last_used, engine.ready_at = EngineState.READY, time.monotonic(), time.monotonic()
+        engine.error = engine.detail = None
+        engine.crashed = False
         log.info("engine ready", extra={"model": engine.model_id, "pid": proc.pid, "seconds": round(seconds, 2)})
         if self._on_load:
             self._on_load(engine.model_id, seconds)
         self._changed()
-        code = await proc.wait()
+        prober = asyncio.create_task(self._probe(engine, proc))
+        try:
+            code = await proc.wait()
+        finally:
+            prober.cancel()
         if engine.proc is proc and engine.state is EngineState.READY:
             engine.crashes += 1
-            engine.state, engine.proc = EngineState.STOPPED, None
-            engine.error = f"the engine of `{engine.model_id}` exited with code {code}; it restarts on the next request"
-            log.error("engine crashed", extra={"model": engine.model_id, "code": code})
+            stable = time.monotonic() - engine.ready_at >= STABLE_SECONDS
+            engine.failures = 1 if stable else engine.failures + 1
+            engine.state, engine.proc, engine.failed_at = EngineState.STOPPED, None, time.monotonic()
+            engine.crashed = True
+            if proc.probe_failed:
+                engine.error = f"the engine of `{engine.model_id}` stopped answering its health probe"
+            else:
+                engine.error = f"the engine of `{engine.model_id}` exited with code {code}"
+            engine.error += "; it restarts on the next request"
+            log.error("engine crashed", extra={"model": engine.model_id, "code": code,
+                                               "failures": engine.failures, "log_tail": proc.log_tail()})
             if self._on_crash:
                 self._on_crash(engine.model_id)
             await proc.stop()  # reap leftover children and close the client
             self._changed()
+
+    async def _probe(self, engine: Engine, proc: EngineProcess) -> None:
+        """Ping a ready engine on a timer (as uvicorn's supervisor pings its workers): a hung
+        engine keeps its process alive, so only a missed answer shows it. After `misses` misses
+        in a row it is killed; the crash path above then fails its requests and restarts it on
+        demand."""
+        misses = 0
+        while True:
+            await asyncio.sleep(self.probe.interval)
+            if await proc.healthy(self.probe.timeout):
+                misses = 0
+                continue
+            misses += 1
+            log.warning("engine missed a health probe", extra={"model": engine.model_id, "misses": misses})
+            if misses >= self.probe.misses:
+                proc.probe_failed = True
+                proc.signal_group(signal.SIGKILL)
+                return
 
     async def _stop(self, engine: Engine, grace: float = STOP_GRACE_SECONDS) -> None:
         proc, task = engine.proc, engine.task
@@ -314,6 +393,7 @@ class EngineManager:
             while engine.state is EngineState.STOPPING:
                 await self._wait_change(time.monotonic() + 60)
             return
+        engine.crashed, engine.failures = False, 0  # stopped on purpose: not down, no back-off
         if proc is None:
             if engine.state is EngineState.FAILED:
                 engine.state = EngineState.STOPPED

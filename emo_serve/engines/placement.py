@@ -174,7 +174,8 @@ class SharedPlacement(Placement):
         except EngineStartError:
             raise
         except Exception as exc:  # aiohttp or JSON errors: the engine is not usable for masks
-            raise EngineStartError(f"engine for {engine.model_id!r}: mask hook not installed ({exc!r})") from exc
+            raise EngineStartError(f"the engine of `{engine.model_id}` could not install its mask hook",
+                                   repr(exc)) from exc
         self.installed[engine.model_id] = set()
         log.info("shared engine ready for masks", extra={"engine": engine.model_id, "masks": info})
 
@@ -257,11 +258,17 @@ class SharedPlacement(Placement):
 
     async def _retire(self, engine_id: str) -> None:
         """Stop an engine no model points at, once its in-flight requests have finished."""
-        engine = self.manager.get(engine_id)
-        while engine is not None and engine.inflight:
-            await asyncio.sleep(0.2)
-        log.info("retiring shared engine", extra={"engine": engine_id})
-        await self.manager.unregister(engine_id)
+        while True:
+            engine = self.manager.get(engine_id)
+            if engine is not None and engine.inflight:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                await self.manager.unregister(engine_id)
+                break
+            except ModelInUse:  # a request resolved before the switch got in after all
+                continue
+        log.info("retired shared engine", extra={"engine": engine_id})
         self.resident.pop(engine_id, None)
         self.installed.pop(engine_id, None)
 

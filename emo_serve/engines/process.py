@@ -34,7 +34,13 @@ LOG_TAIL_LINES = 25
 
 
 class EngineStartError(RuntimeError):
-    """The engine exited or did not become healthy in time; the message ends with its log tail."""
+    """The engine exited or did not become healthy in time. The message is short and safe to show
+    to any client (no log lines, paths or locations); `detail` is the engine's log tail, for the
+    server log and admins."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def engine_platform(device: str = "auto") -> str:
@@ -64,6 +70,8 @@ class EngineOptions:
     platform: str = "cpu"
     start_timeout: float = 600.0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # Hub credentials reach an engine only when its weights come from the Hub.
+    pass_hub_token: bool = False
 
 
 def engine_command(model_dir: str, model_id: str, socket_path: Path, opts: EngineOptions) -> list[str]:
@@ -81,8 +89,16 @@ def engine_command(model_dir: str, model_id: str, socket_path: Path, opts: Engin
     return cmd + list(opts.extra_args)
 
 
-def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, **(extra or {})}
+# Never passed to an engine: the front end's own secrets and settings (an engine that is
+# compromised through a model file, or that logs its environment, must not hold the API keys).
+SECRET_ENV_PREFIXES = ("EMO_",)
+HUB_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def engine_env(extra: dict[str, str] | None = None, *, pass_hub_token: bool = False) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(SECRET_ENV_PREFIXES) and (pass_hub_token or k not in HUB_TOKEN_ENV)}
+    env.update(extra or {})
     # This legacy variable overrides --kv-cache-memory-bytes on CPU; the flag is the one source.
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
@@ -100,6 +116,7 @@ class EngineProcess:
         self.model_dir = model_dir
         self.opts = opts
         self.extra_args, self.extra_env = extra_args, env
+        self.probe_failed = False  # killed by the manager's health probe
         self.socket_path = opts.socket_dir / f"e{slot}.sock"
         self.log_path = opts.logs_dir / f"engine-{model_id}.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -131,26 +148,29 @@ class EngineProcess:
             logf.flush()
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                env=engine_env(self.extra_env), start_new_session=True)
+                env=engine_env(self.extra_env, pass_hub_token=self.opts.pass_hub_token), start_new_session=True)
         log.info("engine starting", extra={"model": self.model_id, "pid": self.proc.pid,
                                            "log": str(self.log_path)})
         deadline = time.monotonic() + self.opts.start_timeout
         while True:
             if self.proc.returncode is not None:
-                raise EngineStartError(f"engine for {self.model_id!r} exited with code "
-                                       f"{self.proc.returncode} while starting; {self.log_tail()}")
+                raise EngineStartError(f"the engine of `{self.model_id}` exited with code {self.proc.returncode} "
+                                       "while starting", self.log_tail())
             if time.monotonic() > deadline:
                 await self.stop()
-                raise EngineStartError(f"engine for {self.model_id!r} was not healthy after "
-                                       f"{self.opts.start_timeout:.0f} s; {self.log_tail()}")
-            if self.socket_path.exists():
-                try:
-                    async with self.client.get("/health", timeout=aiohttp.ClientTimeout(total=5.0)) as r:
-                        if r.status == 200:
-                            return
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    pass
+                raise EngineStartError(f"the engine of `{self.model_id}` was not healthy after "
+                                       f"{self.opts.start_timeout:.0f} s", self.log_tail())
+            if self.socket_path.exists() and await self.healthy(5.0):
+                return
             await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+    async def healthy(self, timeout: float) -> bool:
+        """`/health` answered 200 within `timeout` seconds."""
+        try:
+            async with self.client.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
 
     async def rpc(self, method: str, *args: str, timeout: float = 30.0) -> list[Any]:
         """Call a worker method through the engine's `/collective_rpc` (only shared engines are
@@ -159,8 +179,8 @@ class EngineProcess:
         async with self.client.post("/collective_rpc", json=body,
                                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             if r.status != 200:
-                raise EngineStartError(f"engine for {self.model_id!r}: {method} answered {r.status}: "
-                                       f"{(await r.text())[:500]}")
+                raise EngineStartError(f"the engine of `{self.model_id}` refused the control call {method}",
+                                       f"{method} answered {r.status}: {(await r.text())[:2000]}")
             return list((await r.json()).get("results") or [])
 
     async def wait(self) -> int:

@@ -140,7 +140,9 @@ def start_server(model: Path | None, state_dir: Path, log_path: Path, *args: str
         cmd += ["--model", str(model)]
     if keys:
         cmd += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
-    full_env = {**os.environ, **(env or {})}
+    # The tests written for one engine per model pin that mode; the shared engine's tests
+    # (test_shared_engine.py) pass EMO_ENGINE_MODE=shared.
+    full_env = {**os.environ, "EMO_ENGINE_MODE": "dedicated", **(env or {})}
     logf = open(log_path, "ab")
     proc = subprocess.Popen([*cmd, *args], stdout=logf, stderr=subprocess.STDOUT, env=full_env)
     logf.close()

@@ -123,3 +123,22 @@ def test_probes_and_scraper_use_real_unauthenticated_routes(compose: dict[str, A
     (static,) = job["static_configs"]
     targets = {t.split(":")[0]: int(t.split(":")[1]) for t in static["targets"]}
     assert targets == {name: int(image_env()["EMO_PORT"]) for name in ("emo-serve", "emo-serve-cpu")}
+
+
+def shm_bytes(size: str | int) -> int:
+    """Compose's byte values: an int, or a number with a b/k/m/g suffix (powers of 1024)."""
+    if isinstance(size, int):
+        return size
+    units = {"b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+    number = size.rstrip("bkmgBKMG")
+    return int(float(number) * units[size[len(number):].lower() or "b"])
+
+
+def test_every_service_that_starts_vllm_has_enough_shared_memory(compose: dict[str, Any]) -> None:
+    """vLLM's CPU engine needs ~160 MiB of /dev/shm at start; a container gets 64 MiB by default,
+    and with it the engine died at start and /ready stayed 503 (seen with the real CPU image)."""
+    servers = {name: svc for name, svc in compose["services"].items() if "emo-serve" in svc.get("image", "")}
+    assert servers.keys() == {"emo-serve", "emo-serve-cpu"}
+    for name, svc in servers.items():
+        assert "shm_size" in svc, f"{name}: no shm_size"
+        assert shm_bytes(svc["shm_size"]) >= 512 * 1024**2, f"{name}: shm_size {svc['shm_size']}"

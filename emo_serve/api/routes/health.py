@@ -1,5 +1,7 @@
 """Operational routes, unauthenticated as probes and scrapers expect: liveness, readiness,
-Prometheus metrics, version. `GET /v1/engines` (API key) shows the engines for operators."""
+Prometheus metrics, version. `GET /v1/engines` (API key) shows the engines for operators, and
+`GET /v1/engines/{engine}/failure` (admin key) why one failed, with its log tail: the only place
+outside the server log where engine log lines are shown."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from ..deps import ApiKey, Service
+from ..deps import AdminKey, ApiKey, Service
 from ..errors import responses
 from ..protocol import Health, Readiness, Version
 
@@ -42,3 +44,8 @@ async def version(service: Service) -> Version:
 @router.get("/v1/engines", dependencies=[ApiKey], responses=responses(401))
 async def engines(service: Service) -> dict[str, Any]:
     return {"object": "list", "data": service.engine_info()}
+
+
+@router.get("/v1/engines/{engine}/failure", dependencies=[AdminKey], responses=responses(401, 404))
+async def engine_failure(engine: str, service: Service) -> dict[str, Any]:
+    return service.engine_failure(engine)

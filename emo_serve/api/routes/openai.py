@@ -22,7 +22,7 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": Completion, "description": "the engine's answer; with `stream: true`, "
           "server-sent events ending with `data: [DONE]`",
           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **responses(400, 401, 404, 413, 429, 503),
+    **responses(400, 401, 404, 413, 429, 503, 504),
 }
 
 
@@ -68,7 +68,8 @@ async def _generate(service: EmoService, request: Request, endpoint: str,
         except Exception as exc:
             recorder.finish(from_exception(exc).status)
             raise
-        return await forward(lease, endpoint, body.payload(), recorder, getattr(request.state, "request_id", None))
+        return await forward(lease, endpoint, body.payload(), recorder, getattr(request.state, "request_id", None),
+                             service.relay_timeouts)
 
     return await cancel_on_disconnect(request, work())
 
