@@ -168,6 +168,8 @@ class Server:
                     "--max-engines", str(max_engines), "--log-level", "warning", *base, *preload]
         self.env = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},
                     "EMO_ENGINE_MODE": mode, "HF_HUB_OFFLINE": "1"}
+        if args.engine_cpus:  # vLLM's own variable, inherited by every engine (default: auto, core 0 here)
+            self.env["VLLM_CPU_OMP_THREADS_BIND"] = args.engine_cpus
         self.models = [plan.base_id] if side == "d" else list(DOMAINS)
         self.proc: subprocess.Popen | None = None
         self.t0 = 0.0
@@ -401,6 +403,20 @@ def memory(server: Server) -> dict[str, Any]:
         per_engine[e["model"]] = {"RSS (GB)": sum(proc_mem(p)[0] for p in tree) / 1e9, "processes": len(tree),
                                   "state": e["state"], "starts": e["starts"]}
     out["engines"] = per_engine
+    # CPU the idle engines burn (vLLM's CPU engines poll): % of one core over a few seconds.
+    def cpu(ps: list[psutil.Process]) -> float:
+        total = 0.0
+        for p in ps:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+    c0, t0 = cpu(below), time.perf_counter()
+    time.sleep(3)
+    out["idle engines CPU (% of a core)"] = (cpu(below) - c0) / (time.perf_counter() - t0) * 100
+    out["load average (1 min)"] = os.getloadavg()[0]
     return out
 
 
@@ -475,9 +491,17 @@ def report(results: dict[str, list[dict[str, Any]]], plan: Plan, args: argparse.
     print(f"model: {plan.model}; subsets: {', '.join(DOMAINS)} ({args.subset_size} routed experts per layer "
           f"+ shared, profiled from 5 examples each); union per layer {[len(u) for u in plan.union]}; "
           f"{args.rounds} rounds, sides alternated; median (min-max over rounds)")
-    print(f"weights at {args.dtype}: non-expert {w['non-expert'] / 1e9:.3f} GB, union of the four subsets' experts "
-          f"{w['union experts'] / 1e9:.3f} GB, all experts {w['all experts'] / 1e9:.3f} GB, one subset's experts "
-          f"{w['one subset experts'] / 1e9:.3f} GB")
+    def size(b: float) -> str:
+        return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
+
+    print(f"weights at {args.dtype}: non-expert {size(w['non-expert'])}, union of the four subsets' experts "
+          f"{size(w['union experts'])}, all experts {size(w['all experts'])}, one subset's experts "
+          f"{size(w['one subset experts'])}")
+    for side in args.sides:
+        for i, r in enumerate(results.get(side, [])):
+            if "error" in r:
+                print(f"side {side} ({SIDE_NAMES[side]}), round {i + 1} FAILED: {r['error']} "
+                      "(its numbers before the failure are kept)")
     if args.skip_dedicated:
         print("side c (four dedicated engines) skipped (--skip-dedicated): four engines of this shape do not "
               "fit in this machine's memory")
@@ -489,8 +513,12 @@ def report(results: dict[str, list[dict[str, Any]]], plan: Plan, args: argparse.
         ("engines' process trees RSS (GB)", collect(results, ["memory", "engines RSS (GB)"])),
         ("engines' process trees PSS (GB)", collect(results, ["memory", "engines PSS (GB)"])),
         ("front end RSS (GB)", collect(results, ["memory", "front end RSS (GB)"])),
-        ("processes below the front end", collect(results, ["memory", "processes below the front end"])),
     ], sides, ".2f")
+    table("Machine while measuring (the engines idle)", [
+        ("processes below the front end", collect(results, ["memory", "processes below the front end"])),
+        ("idle engines' CPU (% of one core, 3 s)", collect(results, ["memory", "idle engines CPU (% of a core)"])),
+        ("load average, 1 min", collect(results, ["memory", "load average (1 min)"])),
+    ], sides)
     for conc in (1, 16):
         table(f"Mixed traffic, {conc} concurrent streaming client(s), the four subsets round-robin "
               f"(d: the base), {args.max_tokens} tokens each", [
@@ -574,6 +602,8 @@ def main() -> None:
     ap.add_argument("--requests-16", type=int, default=4, help="streams per client (16 clients) per side and round")
     ap.add_argument("--creation-rounds", type=int, default=None, help="rounds that also time subset creation "
                     "(default: all)")
+    ap.add_argument("--engine-cpus", help="VLLM_CPU_OMP_THREADS_BIND for the engines, e.g. 1 (default: vLLM's "
+                    "auto binding, which puts every engine's threads on core 0 of a 2-core machine)")
     ap.add_argument("--start-timeout", type=float, default=1800)
     ap.add_argument("--json", default=str(Path(tempfile.gettempdir()) / "bench-shared.json"),
                     help="where to write the raw results (default: %(default)s)")
@@ -607,7 +637,7 @@ def main() -> None:
            "experts": plan.experts, "union": plan.union, "fresh": plan.fresh, "weights_bytes": plan.weights,
            "profile_seconds": plan.profile_seconds, "sides": {s: SIDE_NAMES[s] for s in args.sides},
            "results": results, "summary": summary, "wall_seconds": time.perf_counter() - t_start,
-           "machine": {"cpus": os.cpu_count(), "mem_gb": psutil.virtual_memory().total / 1e9,
+           "engine_cpus": args.engine_cpus, "machine": {"cpus": os.cpu_count(), "mem_gb": psutil.virtual_memory().total / 1e9,
                        "loadavg_end": os.getloadavg()}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     print(f"\nraw results: {args.json}; total {out['wall_seconds'] / 60:.1f} min")
