@@ -59,9 +59,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
     allow_insecure_admin: bool = False
-    engine_mode: Literal["shared", "dedicated"] = Field(
-        "shared", description="shared: one vLLM engine serves the base and every subset (per-request expert "
-        "masks); dedicated: one engine per model")
+    engine_mode: Literal["auto", "shared", "dedicated"] = Field(
+        "auto", description="shared: one vLLM engine serves the base and every subset (per-request expert "
+        "masks; vLLM's V1 CPU runner); dedicated: one engine per model; auto: shared on CPU, dedicated on GPUs")
     subset_slots: int = Field(64, ge=2, le=4096, description="mask rows of a shared engine, row 0 being the "
                               "unmasked base")
     max_engines: int = Field(2, ge=1, le=64)

@@ -80,6 +80,7 @@ class EmoService:
         """Open the base, read stored subsets and register preloaded manifests. Bad configuration
         (unreadable base, bad manifest, too many startup models) raises here, before serving."""
         s = self.settings
+        self.engine_mode = self._engine_mode()  # an impossible mode is refused before serving
         s.state_dir.mkdir(parents=True, exist_ok=True)
         location = s.model or str(resolve_default_model(s.state_dir))
         self.base = Checkpoint(location)
@@ -114,7 +115,7 @@ class EmoService:
                                      on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc(),
                                      probe=Probe(s.probe_interval, s.probe_timeout, s.probe_misses))
         self.relay_timeouts = RelayTimeouts(s.upstream_read_timeout, s.upstream_idle_timeout, s.client_send_timeout)
-        if s.engine_mode == "shared":
+        if self.engine_mode == "shared":  # decided in prepare()
             shared = SharedPlacement(self.engines, slots=s.subset_slots, make_engine_dir=self._engine_dir,
                                      num_layers=self.base.config.num_hidden_layers)
             self.engines.set_on_started(shared.on_started)
@@ -149,6 +150,17 @@ class EmoService:
         cfg = self.base.config
         spec = make_subset(self.base, [routed_ids(cfg, i) for i in range(cfg.num_hidden_layers)], self.base_id)
         return str(self.registry.materialize(spec))
+
+    def _engine_mode(self) -> str:
+        """`shared` or `dedicated`. The shared engine's mask hook is written for vLLM's V1 model
+        runner, which the CPU platform runs; GPUs run Model Runner V2, which it does not hook yet."""
+        mode, platform = self.settings.engine_mode, engine_platform(self.settings.device)
+        if mode == "auto":
+            return "shared" if platform == "cpu" else "dedicated"
+        if mode == "shared" and platform != "cpu":
+            raise SubsetError(f"--engine-mode shared needs vLLM's V1 CPU runner; this {platform} build "
+                              "runs Model Runner V2: use --engine-mode dedicated (or auto)")
+        return mode
 
     def _engine_dir(self, experts: list[list[int]], engine_id: str) -> str:
         """A weightless model dir for a shared engine holding `experts` (the plugin reads only

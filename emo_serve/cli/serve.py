@@ -37,9 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-key", help="bearer key for subset changes; defaults to the API key (EMO_ADMIN_KEY)")
     p.add_argument("--allow-insecure-admin", action="store_true",
                    help="allow a non-loopback bind with no admin key (EMO_ALLOW_INSECURE_ADMIN)")
-    p.add_argument("--engine-mode", choices=["shared", "dedicated"],
-                   help="shared: one vLLM engine serves the base and every subset (per-request expert "
-                   "masks); dedicated: one engine per model (EMO_ENGINE_MODE, default shared)")
+    p.add_argument("--engine-mode", choices=["auto", "shared", "dedicated"],
+                   help=f"{_field_help('engine_mode')} (EMO_ENGINE_MODE, default auto)")
     p.add_argument("--subset-slots", type=positive_int, help="mask rows of a shared engine, row 0 being the "
                    "unmasked base (EMO_SUBSET_SLOTS, default 64)")
     p.add_argument("--max-engines", type=positive_int, help="resident vLLM engines, LRU-evicted (EMO_MAX_ENGINES, default 2)")

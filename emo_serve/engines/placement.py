@@ -28,6 +28,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiohttp
+
 from .manager import Engine, EngineManager, EngineState, Lease, ModelInUse, UnknownModel
 from .process import EngineProcess, EngineStartError
 
@@ -293,7 +295,13 @@ class SharedPlacement(Placement):
             async with self._lock(engine_id):
                 names.discard(name)
                 if engine is not None and engine.state is EngineState.READY and engine.proc is not None:
-                    await engine.proc.rpc("emo_clear_subset", str(sub.row))
+                    try:
+                        await engine.proc.rpc("emo_clear_subset", str(sub.row))
+                    except (EngineStartError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                        # The row is free on our side either way: its next owner's install
+                        # overwrites it, and a restarted engine starts with an empty table.
+                        log.warning("could not clear a mask row", extra={"engine": engine_id, "subset": name,
+                                                                         "error": repr(exc)})
 
     def _lock(self, engine_id: str) -> asyncio.Lock:
         return self._locks.setdefault(engine_id, asyncio.Lock())

@@ -87,6 +87,10 @@ def install_row_hook(runner: Any, masks: EmoExpertMasks) -> None:
     if getattr(runner, "_emo_masks_hooked", False):
         return
     check_runner(runner)
+    if masks.token_rows.device.type != "cpu":
+        # The CPU runner's buffers are host memory, written in place; a GPU needs a pinned host
+        # copy and a device copy filled before CUDA-graph replay (and GPUs run Model Runner V2).
+        raise RuntimeError(f"emo-vllm's expert masks support the CPU runner only, not {masks.token_rows.device}")
     prepare = runner._prepare_inputs
     rows_np = masks.token_rows.numpy()  # CPU buffer: a view, written in place
 

@@ -69,8 +69,9 @@ def test_a_hung_engine_is_killed_failed_requests_answer_then_it_recovers(supervi
 
 
 def test_a_client_that_stops_reading_is_dropped(supervised: Server) -> None:
-    """A raw socket with a small receive buffer that never reads a long, verbose stream."""
-    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 480, "n": 16, "logprobs": 5, "stream": True,
+    """A raw socket with a small receive buffer that never reads a long, verbose stream (~10 MB:
+    16 choices x 480 tokens x 20 logprobs, more than the kernel buffers of a loopback socket)."""
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 480, "n": 16, "logprobs": 20, "stream": True,
                        "ignore_eos": True}).encode()
     host, port = supervised.url.removeprefix("http://").split(":")
     sock = socket.socket()
