@@ -29,9 +29,9 @@ from .checkpoint import Checkpoint
 from .config import EmoConfig
 from .errors import EmoServeError
 from .evaluate import Totals, evaluate_experts, relative_increase
-from .examples import Example, Source, load_examples, tokenize_examples
-from .profiler import Scores, _all_examples, profile, resolve_sizes
-from .subset import SubsetSpec, routed_ids, shared_ids
+from .examples import Example, Source, ensure_examples, tokenize_examples
+from .profiler import Scores, profile, resolve_sizes
+from .subset import SubsetSpec
 
 
 class SizingError(EmoServeError):
@@ -107,8 +107,7 @@ class _Folds:
             experts = []
             for sizes in candidates:
                 top = self.scores(fold, sizes).top(sizes)
-                experts.append([sorted(ids + shared_ids(cfg, i)) if cfg.experts_per_layer[i] else []
-                                for i, ids in enumerate(top)])
+                experts.append([cfg.layer_routing(i).kept_ids(ids) for i, ids in enumerate(top)])
             base, subs = evaluate_experts(self.ckpt, sequences, experts, dtype=self.kw["dtype"],
                                           device=self.kw["device"], progress=self.progress)
             base_all += base
@@ -168,11 +167,6 @@ def _check_budget(routed: Sequence[int], budget: int) -> None:
                           f"and {sum(routed)} (all of them)")
 
 
-def routed_counts(cfg: EmoConfig) -> list[int]:
-    """Routed experts per layer (0 for a dense layer)."""
-    return [len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)]
-
-
 def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: int | None, method: str) -> None:
     """Raise SizingError for a request `auto_subset` cannot do, before any work is spent on it
     (the server answers 400 instead of failing the subset later)."""
@@ -185,7 +179,7 @@ def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: in
     if budget is not None:
         if method == "layerwise":
             raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget")
-        _check_budget(routed_counts(cfg), budget)
+        _check_budget(cfg.routed_counts(), budget)
 
 
 def allocate_budget(folds: _Folds, routed: Sequence[int], budget: int, *, max_rounds: int = 16,
@@ -223,8 +217,8 @@ def auto_subset(checkpoint: Checkpoint | str | os.PathLike[str], examples: Sourc
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     cfg = ckpt.config
     check_request(cfg, max_loss_increase=max_loss_increase, budget=budget, method=method)
-    items = list(examples) if _all_examples(examples) else load_examples(examples)
-    routed = routed_counts(cfg)
+    items = ensure_examples(examples)
+    routed = cfg.routed_counts()
     common = dict(device=device, dtype=dtype, max_tokens=max_tokens_per_example, seed=seed, progress=progress)
     cv = _Folds(ckpt, items, folds, method, **common)
     if max_loss_increase is not None:

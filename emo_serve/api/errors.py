@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engines import CapacityExhausted, EngineError, ModelInUse, ModelUnavailable, UnknownModel
 from ..errors import EmoServeError
-from ..registry import NameTaken, SubsetNotFound
+from ..store import NameTaken, SubsetNotFound
 
 log = logging.getLogger(__name__)
 

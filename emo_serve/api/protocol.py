@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import SubsetError
-from ..profiler import METHODS
-from ..subset import validate_name
+from ..methods import METHODS
+from ..names import validate_name
 
 NAME_FIELD = Field(min_length=1, max_length=64, description="subset name: also its model id")
 

@@ -11,6 +11,7 @@ from ..errors import SubsetError
 from .common import positive_int
 
 if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
     from ..subset import SubsetSpec
 
 
@@ -78,7 +79,8 @@ def read_experts_file(path: Path) -> list[list[int]]:
 
 def create(args: argparse.Namespace) -> int:
     from ..checkpoint import Checkpoint
-    from ..subset import make_subset, random_subset, validate_name
+    from ..names import validate_name
+    from ..subset import make_subset, random_subset
 
     validate_name(args.name)
     ckpt = Checkpoint(args.base)
@@ -93,7 +95,7 @@ def create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(args: argparse.Namespace):  # -> tuple[Checkpoint, SubsetSpec]
+def _open(args: argparse.Namespace) -> tuple[Checkpoint, SubsetSpec]:
     from ..checkpoint import Checkpoint
     from ..subset import SubsetSpec
 
@@ -157,30 +159,9 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def union_specs(specs: list[SubsetSpec], name: str) -> SubsetSpec:
-    """Per layer, the union of the experts kept by subsets of one base (a multi-domain subset)."""
-    from ..subset import Provenance, SubsetSpec
-
-    if not specs:
-        raise SubsetError("union needs at least one subset")
-    first = specs[0]
-    for spec in specs[1:]:
-        if spec.base.fingerprint != first.base.fingerprint:
-            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} have different bases "
-                              f"({first.base.fingerprint} vs {spec.base.fingerprint})")
-        if len(spec.experts) != len(first.experts):
-            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} list different numbers of layers")
-    experts = [sorted(set().union(*layer)) for layer in zip(*(s.experts for s in specs))]
-    fingerprints = list(dict.fromkeys(f for s in specs for f in s.provenance.example_fingerprints))
-    provenance = Provenance(method="union", example_fingerprints=fingerprints,
-                            details={"parts": [s.name for s in specs]})
-    return SubsetSpec(name=name, base=first.base, experts=experts, provenance=provenance)
-
-
 def union(args: argparse.Namespace) -> int:
-    from ..subset import SubsetSpec, validate_name
+    from ..subset import SubsetSpec, union_specs
 
-    validate_name(args.name)
     spec = union_specs([SubsetSpec.load(p) for p in args.manifests], args.name)
     spec.save(args.output)
     print(args.output)
