@@ -101,7 +101,7 @@ class EmoConfig(BaseModel):
     pad_token_id: int | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "EmoConfig":
+    def _check(self) -> EmoConfig:
         n = self.num_hidden_layers
         for key in (
             "num_experts_per_layer",
@@ -132,7 +132,7 @@ class EmoConfig(BaseModel):
         return self
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config.json") -> "EmoConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config.json") -> EmoConfig:
         """Validate a parsed `config.json`; errors name the file and the offending key."""
         if data.get("model_type") != "emo":
             raise ConfigError(f"{source}: model_type is {data.get('model_type')!r}, expected 'emo'")

@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from .layers import as_device, as_dtype, stream_layers
 from .stream import subset_sizes
 from .subset import BaseRef, SubsetSpec
 
-EVAL_FORMAT = "emo-eval/v1"
+EVAL_FORMAT: Final = "emo-eval/v1"
 Experts = Sequence[Sequence[int]]  # kept original ids per layer (incl. shared), as in a manifest
 
 
@@ -64,7 +64,7 @@ class Totals:
     routed_tokens: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, stats: Sequence[SequenceStats]) -> "Totals":
+    def of(cls, stats: Sequence[SequenceStats]) -> Totals:
         t = cls()
         for s in stats:
             t.tokens += s.tokens

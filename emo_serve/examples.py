@@ -170,8 +170,9 @@ def _check_messages(messages: Any, limits: _Limits, *, where: str) -> tuple[dict
             raise ExamplesError(f"{at}: expected an object with a 'role' string and 'content'")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            parts = [p["text"] for p in content
+                     if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
+            if len(parts) != len(content):
                 raise ExamplesError(f"{at}.content: only text content parts are supported")
             content = "".join(parts)
         out.append({"role": m["role"], "content": limits.text(content, where=f"{at}.content")})
@@ -185,7 +186,7 @@ def _check_messages(messages: Any, limits: _Limits, *, where: str) -> tuple[dict
 class ChatTokenizer:
     """The checkpoint's tokenizer plus what rendering a chat needs from `tokenizer_config.json`."""
 
-    tokenizer: "Tokenizer"
+    tokenizer: Tokenizer
     chat_template: str | None
     special: dict[str, str]  # bos_token, eos_token, ... as template variables
 
@@ -209,7 +210,7 @@ class ChatTokenizer:
             raise ExamplesError(f"{example.where}: chat template failed: {exc}") from None
 
 
-def load_tokenizer(ckpt: "Checkpoint") -> ChatTokenizer:
+def load_tokenizer(ckpt: Checkpoint) -> ChatTokenizer:
     """Tokenizer and chat template from the checkpoint's `tokenizer.json`/`tokenizer_config.json`
     (or `chat_template.jinja`, where newer exports keep the template)."""
     from tokenizers import Tokenizer
@@ -274,8 +275,8 @@ def _compile(template: str) -> Any:
         raise ExamplesError(f"the checkpoint's chat template does not compile: {exc}") from None
 
 
-def tokenize_examples(ckpt: "Checkpoint", examples: Sequence[Example], max_tokens: int
-                      ) -> tuple[list["torch.Tensor"], list[str]]:
+def tokenize_examples(ckpt: Checkpoint, examples: Sequence[Example], max_tokens: int
+                      ) -> tuple[list[torch.Tensor], list[str]]:
     """Token ids per example (LongTensor [T]), truncated to `max_tokens` and to the model's
     context; each truncation is reported in the returned warnings (recorded in the output)."""
     import torch

@@ -69,8 +69,8 @@ def heatmap(path: str | os.PathLike[str], *, scores: Sequence[Sequence[float]] |
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_profile(path: str | os.PathLike[str], *, scores: "Scores | None" = None,
-                 spec: "SubsetSpec | None" = None, config: "EmoConfig | None" = None,
+def plot_profile(path: str | os.PathLike[str], *, scores: Scores | None = None,
+                 spec: SubsetSpec | None = None, config: EmoConfig | None = None,
                  kept: Sequence[Sequence[int]] | None = None) -> None:
     """Heatmap of `scores` and/or the experts `spec` keeps (or `kept`, e.g. a scores file's
     top-K). Without scores, the layer shapes come from the base's `config`."""

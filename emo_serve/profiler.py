@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from .layers import ComputeError, as_device, as_dtype, stream_layers
 from .methods import METHODS
 from .subset import BaseRef, Provenance, SubsetSpec, make_subset
 
-SCORES_FORMAT = "emo-scores/v1"
+SCORES_FORMAT: Final = "emo-scores/v1"
 
 
 class ProfileError(EmoServeError):
@@ -118,7 +118,7 @@ class Scores(BaseModel):
         atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Scores":
+    def load(cls, path: str | os.PathLike[str]) -> Scores:
         try:
             text = Path(path).read_text()
         except OSError as exc:
@@ -230,9 +230,9 @@ def profile(checkpoint: Checkpoint | str | os.PathLike[str], examples: Source, *
     if method == "layerwise":
         if layerwise_size is None:
             raise ProfileError("method 'layerwise' needs the kept size (an int, or a fraction as a float)")
-        as_fraction = isinstance(layerwise_size, float)
-        sizes = resolve_sizes([len(r) for r in routed], size=None if as_fraction else layerwise_size,
-                              fraction=layerwise_size if as_fraction else None)
+        counts = [len(r) for r in routed]
+        sizes = (resolve_sizes(counts, fraction=layerwise_size) if isinstance(layerwise_size, float)
+                 else resolve_sizes(counts, size=layerwise_size))
     sequences, warnings = tokenize_examples(ckpt, items, max_tokens_per_example)
 
     tally = _Tally(cfg, dev)

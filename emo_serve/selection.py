@@ -80,7 +80,9 @@ def build_subset(ckpt: Checkpoint, examples: Source, request: SelectionRequest, 
                            budget=request.budget, folds=request.folds, **common)
         return Selected(spec, None)
     # `layerwise` chooses greedily layer by layer, so it needs the size up front.
-    layerwise = (request.size if request.size is not None else request.fraction) if request.method == "layerwise" else None
+    layerwise = None
+    if request.method == "layerwise":
+        layerwise = request.size if request.size is not None else request.fraction
     scores = profile(ckpt, examples, layerwise_size=layerwise, **common)
     spec = scores.to_subset(request.size, fraction=request.fraction, sizes=request.sizes, name=name, checkpoint=ckpt)
     return Selected(spec, scores)

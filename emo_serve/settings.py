@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _secure(self) -> "Settings":
+    def _secure(self) -> Settings:
         if not is_loopback(self.host) and self.effective_admin_key is None and not self.allow_insecure_admin:
             raise ValueError(
                 f"host {self.host!r} is not a loopback address and no admin key is set: anyone who "

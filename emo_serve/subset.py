@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -24,7 +24,7 @@ from .names import validate_name
 if TYPE_CHECKING:  # only annotations: the manifest itself needs no tensor reader (nor torch)
     from .checkpoint import Checkpoint
 
-SUBSET_FORMAT = "emo-subset/v1"
+SUBSET_FORMAT: Final = "emo-subset/v1"
 MANIFEST_FILE = "subset.json"
 
 
@@ -41,7 +41,7 @@ class Provenance(BaseModel):
     fraction: float | None = None
     seed: int | None = None
     example_fingerprints: list[str] = Field(default_factory=list)
-    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     details: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -73,7 +73,7 @@ class SubsetSpec(BaseModel):
 
     # -- persistence ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "SubsetSpec":
+    def load(cls, path: str | os.PathLike[str]) -> SubsetSpec:
         try:
             text = Path(path).read_text()
         except OSError as exc:
@@ -81,7 +81,7 @@ class SubsetSpec(BaseModel):
         return cls.parse(text, source=str(path))
 
     @classmethod
-    def parse(cls, text: str | bytes, *, source: str = "subset manifest") -> "SubsetSpec":
+    def parse(cls, text: str | bytes, *, source: str = "subset manifest") -> SubsetSpec:
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:

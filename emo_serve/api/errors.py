@@ -113,6 +113,7 @@ async def _api(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    # Starlette types handlers as taking any Exception; these take the class they are registered for.
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     for cls in (APIError, EngineError, EmoServeError, Exception):

@@ -11,13 +11,20 @@ import gc
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import __version__
 from ..checkpoint import Checkpoint
-from ..engines import (EngineError, EngineManager, EngineOptions, EngineState, ModelUnavailable, UnknownModel,
-                       engine_platform)
 from ..default_model import DEFAULT_MODEL_ID, resolve_default_model
+from ..engines import (
+    EngineError,
+    EngineManager,
+    EngineOptions,
+    EngineState,
+    ModelUnavailable,
+    UnknownModel,
+    engine_platform,
+)
 from ..errors import SubsetError
 from ..examples import load_examples
 from ..metrics import Metrics
@@ -26,8 +33,7 @@ from ..settings import Settings, derive_model_id
 from ..store import SubsetRecord, SubsetState, SubsetStore
 from ..subset import SubsetSpec, make_subset
 from .jobs import ProfilingJobs
-from .protocol import (EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate,
-                       SubsetObject, Version)
+from .protocol import EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate, SubsetObject, Version
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +240,8 @@ class EmoService:
                 out.quality, out.max_loss_increase, out.budget = (quality, quality.get("max_loss_increase"),
                                                                   quality.get("budget"))
         elif r.job:
-            out.method, out.size, out.fraction = r.job["method"], r.job.get("size") or r.job.get("sizes"), r.job.get("fraction")
+            out.method, out.fraction = r.job["method"], r.job.get("fraction")
+            out.size = r.job.get("size") or r.job.get("sizes")
             out.max_loss_increase, out.budget = r.job.get("max_loss_increase"), r.job.get("budget")
             out.example_fingerprints = r.job["example_fingerprints"]
         return out
@@ -248,8 +255,9 @@ class EmoService:
         if req.experts is not None:
             n = self.base.config.num_hidden_layers
             flat = all(isinstance(x, int) for x in req.experts)
-            routed = [list(req.experts)] * n if flat else req.experts  # type: ignore[list-item]
-            spec = make_subset(self.base, [list(ids) for ids in routed], req.name)  # type: ignore[arg-type]
+            # pydantic parsed one of the two shapes `experts` allows; `flat` says which.
+            routed = cast(list[list[int]], [list(req.experts)] * n if flat else req.experts)
+            spec = make_subset(self.base, [list(ids) for ids in routed], req.name)
             record = self.registry.add(spec)
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)

@@ -72,7 +72,7 @@ def read_experts_file(path: Path) -> list[list[int]]:
         raise SubsetError(f"{path}: cannot read ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
         raise SubsetError(f"{path}: not valid JSON ({exc})") from None
-    if not (isinstance(data, list) and all(isinstance(l, list) and all(type(i) is int for i in l) for l in data)):
+    if not (isinstance(data, list) and all(isinstance(ids, list) and all(type(i) is int for i in ids) for ids in data)):
         raise SubsetError(f"{path}: expected a JSON list of per-layer lists of integer expert ids")
     return data
 
@@ -134,6 +134,7 @@ def plot(args: argparse.Namespace) -> int:
     from ..profiler import Scores
     from ..subset import SubsetSpec
 
+    scores: Scores | None
     if _is_scores_file(args.input):
         if args.scores:
             raise SubsetError(f"{args.input} is a scores file; --scores goes with a subset manifest")

@@ -12,10 +12,11 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from .process import STOP_GRACE_SECONDS, EngineOptions, EngineProcess, EngineStartError
 
@@ -85,7 +86,7 @@ class Engine:
 class Lease:
     """One request's hold on a ready engine; `release()` is idempotent."""
 
-    def __init__(self, manager: "EngineManager", engine: Engine) -> None:
+    def __init__(self, manager: EngineManager, engine: Engine) -> None:
         self._manager, self.engine, self._released = manager, engine, False
         assert engine.proc is not None
         self.proc = engine.proc
@@ -114,7 +115,7 @@ class EngineManager:
         self._slots = 0
         self._background: set[asyncio.Task] = set()
 
-    def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A fire-and-forget task that is kept referenced until it ends."""
         task = asyncio.create_task(coro)
         self._background.add(task)
