@@ -225,7 +225,7 @@ def load_tokenizer(ckpt: Checkpoint) -> ChatTokenizer:
     if ckpt.exists("tokenizer_config.json"):
         try:
             config = json.loads(ckpt.read_file("tokenizer_config.json"))
-        except json.JSONDecodeError as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{ckpt.location}/tokenizer_config.json: not valid JSON ({exc})") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # the older named-templates form

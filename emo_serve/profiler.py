@@ -120,7 +120,7 @@ class Scores(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Scores:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes()  # pydantic reports bad UTF-8 as it does bad JSON
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read scores ({exc.strerror})") from None
         try:

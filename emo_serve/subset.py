@@ -75,7 +75,7 @@ class SubsetSpec(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SubsetSpec:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes()  # pydantic reports bad UTF-8 as it does bad JSON
         except OSError as exc:
             raise SubsetError(f"{path}: cannot read subset manifest ({exc.strerror})") from None
         return cls.parse(text, source=str(path))

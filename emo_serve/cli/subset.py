@@ -70,7 +70,7 @@ def read_experts_file(path: Path) -> list[list[int]]:
         data = json.loads(path.read_text())
     except OSError as exc:
         raise SubsetError(f"{path}: cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SubsetError(f"{path}: not valid JSON ({exc})") from None
     if not (isinstance(data, list) and all(isinstance(ids, list) and all(type(i) is int for i in ids) for ids in data)):
         raise SubsetError(f"{path}: expected a JSON list of per-layer lists of integer expert ids")

@@ -93,3 +93,10 @@ def test_only_typed_input_errors_exit_2(monkeypatch: pytest.MonkeyPatch, capsys:
     monkeypatch.setattr(demo, "run", bug)
     with pytest.raises(ValueError, match="a bug"):
         main(["demo-model", str(tmp_path / "x")])
+
+
+def test_a_manifest_that_is_not_text_exits_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "binary.json"
+    bad.write_bytes(b"\xff\xfe{not text")
+    assert main(["subset", "export", str(bad), str(tmp_path / "out")]) == 2
+    assert "binary.json" in capsys.readouterr().err
