@@ -30,6 +30,9 @@ MANIFEST_SUFFIX = ".json"
 
 
 class SubsetState(str, Enum):
+    """Where a subset stands: the store sets the first three and `failed`; the engines' state
+    turns `ready` into `loading`/`loaded` when the API reports it."""
+
     PROFILING = "profiling"
     READY = "ready"
     LOADING = "loading"
@@ -38,11 +41,11 @@ class SubsetState(str, Enum):
 
 
 class SubsetNotFound(EmoServeError):
-    pass
+    """No subset of that name (the API answers 404)."""
 
 
 class NameTaken(EmoServeError):
-    pass
+    """The name belongs to the base or to another subset (the API answers 409)."""
 
 
 @dataclass
