@@ -312,7 +312,8 @@ def fmt(values: list[float]) -> str:
 def scale(args: argparse.Namespace) -> None:
     from emo_serve.checkpoint import Checkpoint
     from emo_serve.export import materialize_subset
-    from emo_serve.subset import random_subset, subset_sizes
+    from emo_serve.stream import subset_sizes
+    from emo_serve.subset import random_subset
 
     work = Path(args.work)
     base = Checkpoint(args.base)

@@ -25,7 +25,8 @@ RUN = textwrap.dedent("""
     import torch
     t0 = time.perf_counter()
     from emo_serve.checkpoint import Checkpoint
-    from emo_serve.profiler import profile, release_memory_eagerly
+    from emo_serve.layers import release_memory_eagerly
+    from emo_serve.profiler import profile
     base, method, size, dtype, threads, texts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), json.loads(sys.argv[6])
     torch.set_num_threads(threads)
     if sys.argv[7] == "1":

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .config import EmoConfig
 from .errors import CheckpointError, ConfigError
 from .safetensors_format import TensorInfo, header_length, parse_header
+from .schema import tensor_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -76,7 +77,7 @@ class Checkpoint:
         self.raw_config: dict[str, Any] = self._read_json(CONFIG_FILE)
         self.config = EmoConfig.from_dict(self.raw_config, source=self._where(CONFIG_FILE))
         self.tensors: dict[str, TensorInfo] = self._read_tensor_table()
-        self._check_tensor_names()
+        self._check_tensor_table()
 
     # -- files ---------------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -186,25 +187,29 @@ class Checkpoint:
         self.header_bytes += len(first)
         return parse_header(first[8 : 8 + n], shard=where, file_size=size)
 
-    def _check_tensor_names(self) -> None:
-        missing = [n for n in self.expected_tensor_names() if n not in self.tensors]
+    def _check_tensor_table(self) -> None:
+        """Every tensor the config implies is present, with the shape it implies (`schema`):
+        a wrong shape found here names the tensor, where a forward would fail far from it."""
+        expected = tensor_shapes(self.config)
+        missing = [n for n in expected if n not in self.tensors]
         if missing:
             raise CheckpointError(
                 f"{self.location}: {len(missing)} tensors the config requires are missing, "
                 f"first {missing[0]!r}"
             )
+        wrong = [n for n, shape in expected.items() if tuple(self.tensors[n].shape) != shape]
+        if wrong:
+            first = wrong[0]
+            raise CheckpointError(
+                f"{self.location}: {len(wrong)} tensors do not have the shape the config implies, first "
+                f"{first!r} ({self.tensors[first].shard}): {list(self.tensors[first].shape)}, "
+                f"expected {list(expected[first])}"
+            )
 
     # -- the EMO schema ------------------------------------------------------------------------
     def expected_tensor_names(self) -> list[str]:
         """Every tensor name the config implies, in model order."""
-        cfg = self.config
-        names = ["model.embed_tokens.weight"]
-        for i in range(cfg.num_hidden_layers):
-            names += layer_tensor_names(cfg, i)
-        names.append("model.norm.weight")
-        if not cfg.tie_word_embeddings:
-            names.append("lm_head.weight")
-        return names
+        return list(tensor_shapes(self.config))
 
     @cached_property
     def fingerprint(self) -> str:
@@ -303,29 +308,6 @@ _NON_MODEL_KEYS = {"auto_map", "transformers_version", "_name_or_path", "emo_sub
                    "architectures", "torch_dtype"}
 
 
-def layer_tensor_names(cfg: EmoConfig, layer: int) -> list[str]:
-    """Tensor names of decoder layer `layer` (attention, norms, router, experts or dense MLP)."""
-    p = f"model.layers.{layer}"
-    names = [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
-    if cfg.attention_bias:
-        names += [f"{p}.self_attn.{x}_proj.bias" for x in "qkvo"]
-    names += [f"{p}.pre_attention_layernorm.weight", f"{p}.pre_feedforward_layernorm.weight"]
-    count = cfg.experts_per_layer[layer]
-    if count == 0:
-        names += [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        if cfg.dense_mlp_bias:
-            names += [f"{p}.mlp.{x}_proj.bias" for x in ("gate", "up", "down")]
-        return names
-    names.append(f"{p}.mlp.gate.weight")
-    for e in range(count):
-        names += expert_tensor_names(layer, e)
-    return names
-
-
-def expert_tensor_names(layer: int, expert: int) -> list[str]:
-    return [f"model.layers.{layer}.mlp.experts.{expert}.{x}_proj.weight" for x in ("gate", "up", "down")]
-
-
 def coalesce(infos: Iterable[TensorInfo], max_chunk: int = MAX_READ_CHUNK) -> list[list[TensorInfo]]:
     """Group tensors into runs that are contiguous in one shard (one ranged read each)."""
     ordered = sorted(infos, key=lambda i: (i.shard, i.start))
@@ -350,5 +332,4 @@ def open_checkpoint(location: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(location)
 
 
-__all__ = ["Checkpoint", "open_checkpoint", "resolve_location", "coalesce",
-           "layer_tensor_names", "expert_tensor_names", "TOKENIZER_FILES"]
+__all__ = ["Checkpoint", "open_checkpoint", "resolve_location", "coalesce", "TOKENIZER_FILES"]

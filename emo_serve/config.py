@@ -8,6 +8,7 @@ the reference forward, the profiler, the exporter and the vLLM plugin agree on i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,25 @@ class LayerRouting:
     def routed_top_k(self) -> int:
         """Experts picked from the routed part when shared experts are split off."""
         return self.top_k - self.num_shared
+
+    @property
+    def shared_ids(self) -> list[int]:
+        """Ids every subset must keep: the shared experts and any always-active ones (none at a
+        dense layer, which has no experts)."""
+        return sorted(set(range(self.num_routed, self.num_experts)) | set(self.always_active))
+
+    @property
+    def routed_ids(self) -> list[int]:
+        """Ids a subset chooses from: every expert not in `shared_ids` (none at a dense layer)."""
+        keep = set(self.shared_ids)
+        return [e for e in range(self.num_experts) if e not in keep]
+
+    def kept_ids(self, routed: Iterable[int]) -> list[int]:
+        """The sorted ids a subset keeps when it chooses `routed`: those plus `shared_ids`. A dense
+        layer keeps nothing whatever is asked (a flat id list given for every layer reaches it)."""
+        if self.is_dense:
+            return []
+        return sorted(set(routed) | set(self.shared_ids))
 
 
 class EmoConfig(BaseModel):
@@ -81,7 +101,7 @@ class EmoConfig(BaseModel):
     pad_token_id: int | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "EmoConfig":
+    def _check(self) -> EmoConfig:
         n = self.num_hidden_layers
         for key in (
             "num_experts_per_layer",
@@ -112,7 +132,7 @@ class EmoConfig(BaseModel):
         return self
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config.json") -> "EmoConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config.json") -> EmoConfig:
         """Validate a parsed `config.json`; errors name the file and the offending key."""
         if data.get("model_type") != "emo":
             raise ConfigError(f"{source}: model_type is {data.get('model_type')!r}, expected 'emo'")
@@ -165,6 +185,10 @@ class EmoConfig(BaseModel):
             if top_k < shared:
                 raise ValueError(f"{where}: top-k {top_k} is smaller than the {shared} shared experts")
         return LayerRouting(count, shared, top_k, self.norm_topk_prob, always)
+
+    def routed_counts(self) -> list[int]:
+        """Routed experts a subset can choose from, per layer (0 for a dense layer)."""
+        return [len(self.layer_routing(i).routed_ids) for i in range(self.num_hidden_layers)]
 
     def moe_layers(self) -> list[int]:
         return [i for i, c in enumerate(self.experts_per_layer) if c > 0]

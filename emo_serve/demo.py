@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import EmoConfig
 from .files import staged_dir
-from .safetensors_format import SafetensorsWriter, TensorSpec
+from .safetensors_format import TensorSpec
+from .schema import tensor_specs
+from .shards import shard_plan, write_sharded
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for CI engines; head_dim 64 because vLLM's CPU attention rejects 16.
@@ -35,7 +36,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def demo_config(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
@@ -65,53 +65,6 @@ def demo_config(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def tensor_specs(config: dict[str, Any]) -> list[TensorSpec]:
-    """Every tensor of the model, in model order."""
-    cfg = EmoConfig.from_dict(config)
-    dt = DTYPES[cfg.torch_dtype]
-    h, hd = cfg.hidden_size, cfg.head_size
-    specs = [TensorSpec("model.embed_tokens.weight", dt, (cfg.vocab_size, h))]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        specs += [
-            TensorSpec(f"{p}.self_attn.q_proj.weight", dt, (cfg.num_attention_heads * hd, h)),
-            TensorSpec(f"{p}.self_attn.k_proj.weight", dt, (cfg.kv_heads * hd, h)),
-            TensorSpec(f"{p}.self_attn.v_proj.weight", dt, (cfg.kv_heads * hd, h)),
-            TensorSpec(f"{p}.self_attn.o_proj.weight", dt, (h, cfg.num_attention_heads * hd)),
-        ]
-        if cfg.attention_bias:
-            specs += [TensorSpec(f"{p}.self_attn.{x}_proj.bias", dt, (heads * hd,))
-                      for x, heads in zip("qkv", (cfg.num_attention_heads, cfg.kv_heads, cfg.kv_heads))]
-            specs.append(TensorSpec(f"{p}.self_attn.o_proj.bias", dt, (h,)))
-        specs += [
-            TensorSpec(f"{p}.pre_attention_layernorm.weight", dt, (h,)),
-            TensorSpec(f"{p}.pre_feedforward_layernorm.weight", dt, (h,)),
-        ]
-        n = cfg.experts_per_layer[i]
-        if n == 0:
-            d = cfg.dense_intermediate_size or cfg.intermediate_size
-            specs += _mlp_specs(f"{p}.mlp", dt, h, d, bias=cfg.dense_mlp_bias)
-            continue
-        specs.append(TensorSpec(f"{p}.mlp.gate.weight", dt, (n, h)))
-        for e in range(n):
-            specs += _mlp_specs(f"{p}.mlp.experts.{e}", dt, h, cfg.intermediate_size)
-    specs.append(TensorSpec("model.norm.weight", dt, (h,)))
-    if not cfg.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", dt, (cfg.vocab_size, h)))
-    return specs
-
-
-def _mlp_specs(prefix: str, dt: torch.dtype, h: int, d: int, bias: bool = False) -> list[TensorSpec]:
-    specs = [TensorSpec(f"{prefix}.gate_proj.weight", dt, (d, h)),
-             TensorSpec(f"{prefix}.up_proj.weight", dt, (d, h)),
-             TensorSpec(f"{prefix}.down_proj.weight", dt, (h, d))]
-    if bias:
-        specs += [TensorSpec(f"{prefix}.gate_proj.bias", dt, (d,)),
-                  TensorSpec(f"{prefix}.up_proj.bias", dt, (d,)),
-                  TensorSpec(f"{prefix}.down_proj.bias", dt, (h,))]
-    return specs
-
-
 def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
     """Seeded per tensor name, so any shard can be generated on its own and in any order.
 
@@ -130,41 +83,6 @@ def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
         scale = 2.0 if spec.name.endswith("mlp.gate.weight") else 1.0
         t.mul_(scale / fan_in**0.5)
     return t.to(spec.dtype)
-
-
-def shard_plan(specs: list[TensorSpec], shards: int) -> list[list[TensorSpec]]:
-    """Split tensors, in order, into `shards` files of about equal bytes."""
-    total = sum(s.nbytes for s in specs) or 1
-    groups: list[list[TensorSpec]] = [[] for _ in range(shards)]
-    offset = 0
-    for s in specs:
-        groups[min(shards - 1, offset * shards // total)].append(s)
-        offset += s.nbytes
-    return [g for g in groups if g]
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def write_sharded(out_dir: Path, groups: list[list[TensorSpec]], tensors: Iterator[tuple[str, torch.Tensor]],
-                  *, desc: str) -> dict[str, Any]:
-    """Write tensors (yielded in the order of `groups`) as shards + index into `out_dir`."""
-    weight_map: dict[str, str] = {}
-    total = sum(s.nbytes for g in groups for s in g)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
-        for i, group in enumerate(groups):
-            name = shard_name(i, len(groups))
-            with SafetensorsWriter(out_dir / name, group) as writer:
-                for spec in group:
-                    got_name, tensor = next(tensors)
-                    writer.write(got_name, tensor)
-                    del tensor  # may view a read buffer: don't pin it while the next one is read
-                    weight_map[spec.name] = name
-                    bar.update(spec.nbytes)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return index
 
 
 def tokenizer_corpus() -> Iterator[str]:
@@ -229,7 +147,7 @@ def write_demo_checkpoint(out_dir: str | Path, preset: str = "tiny", *, shards: 
     n_shards = shards or PRESETS[preset]["shards"]
     if n_shards < 1:
         raise ValueError("--shards must be >= 1")
-    specs = tensor_specs(config)
+    specs = tensor_specs(EmoConfig.from_dict(config, source="demo config"))
     with staged_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_tokenizer(tmp, config)

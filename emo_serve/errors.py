@@ -5,7 +5,15 @@ from __future__ import annotations
 
 
 class EmoServeError(Exception):
-    """Base class of every error emo-serve raises on bad input."""
+    """Base class of every error emo-serve raises on bad input.
+
+    `param` names the input at fault where there is one (a request field such as `examples` or
+    `size`), so the HTTP API can report it in the error body's `param`.
+    """
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class CheckpointError(EmoServeError):
@@ -22,3 +30,7 @@ class SubsetError(EmoServeError):
 
 class ExamplesError(EmoServeError):
     """Profiling or evaluation examples are missing or malformed."""
+
+
+class SettingsError(EmoServeError):
+    """The server's settings (flags, `EMO_*` variables) are invalid or unsafe."""

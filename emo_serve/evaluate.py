@@ -17,22 +17,22 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
 
 from . import reference
 from .checkpoint import Checkpoint
 from .config import EmoConfig
 from .errors import EmoServeError
-from .examples import Source, load_examples, tokenize_examples
-from .profiler import _all_examples, _as_device, _as_dtype, _ReadAhead
-from .subset import BaseRef, SubsetSpec, routed_ids, subset_sizes
+from .examples import Source, ensure_examples, tokenize_examples
+from .layers import as_device, as_dtype, stream_layers
+from .stream import subset_sizes
+from .subset import BaseRef, SubsetSpec
 
-EVAL_FORMAT = "emo-eval/v1"
+EVAL_FORMAT: Final = "emo-eval/v1"
 Experts = Sequence[Sequence[int]]  # kept original ids per layer (incl. shared), as in a manifest
 
 
@@ -64,7 +64,7 @@ class Totals:
     routed_tokens: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, stats: Sequence[SequenceStats]) -> "Totals":
+    def of(cls, stats: Sequence[SequenceStats]) -> Totals:
         t = cls()
         for s in stats:
             t.tokens += s.tokens
@@ -101,7 +101,7 @@ def relative_increase(sub: Totals, base: Totals) -> float:
 def _mass_hook(cfg: EmoConfig, layer: int, experts: Sequence[Experts], out: list[SequenceStats]
                ) -> reference.RoutingHook:
     """On the base's routing of one sequence, add each subset's kept share of routed mass."""
-    choosable = routed_ids(cfg, layer)
+    choosable = cfg.layer_routing(layer).routed_ids
     kept = [[e for e in subset[layer] if e in set(choosable)] for subset in experts]
 
     def hook(i: int, h: torch.Tensor, routing: reference.Routing) -> None:
@@ -121,7 +121,7 @@ def evaluate_experts(ckpt: Checkpoint, sequences: Sequence[torch.Tensor], subset
                      progress: bool = False) -> tuple[list[SequenceStats], list[list[SequenceStats]]]:
     """Stats of the base and of each subset (kept ids per layer) on each sequence, in one
     layer-streamed pass. Returns (base per sequence, [subset][sequence])."""
-    dt, dev = _as_dtype(dtype), _as_device(device)
+    dt, dev = as_dtype(dtype), as_device(device)
     cfg = ckpt.config
     n_layers = cfg.num_hidden_layers
     masks = [[m.to(dev) if m is not None else None for m in reference.keep_masks(cfg, s)] for s in subsets]
@@ -129,23 +129,14 @@ def evaluate_experts(ckpt: Checkpoint, sequences: Sequence[torch.Tensor], subset
     states = [list(hidden) for _ in range(1 + len(subsets))]  # [model][sequence]; model 0 = base
     sub_stats = [[SequenceStats(mass=[0.0] * n_layers, routed_tokens=[0] * n_layers) for _ in sequences]
                  for _ in subsets]
-    bar = tqdm(range(n_layers), desc=f"evaluating base + {len(subsets)} subset(s)", unit="layer",
-               disable=not progress, leave=False)
-    read_ahead = _ReadAhead(ckpt)  # the next layer's bytes into the page cache during this one
-    try:
-        for layer in bar:
-            read_ahead.close()
-            w = reference.load_layer(ckpt, layer, dtype=dt, device=dev)
-            read_ahead.start(layer + 1)
-            moe = not cfg.layer_routing(layer).is_dense
-            for i, x in enumerate(states[0]):
-                hook = _mass_hook(cfg, layer, subsets, [s[i] for s in sub_stats]) if moe and subsets else None
-                states[0][i] = reference.decoder_layer(x, w, cfg, layer, None, hook)
-            for m, keep in enumerate(masks, start=1):
-                states[m] = [reference.decoder_layer(x, w, cfg, layer, keep[layer]) for x in states[m]]
-            del w  # one layer's weights resident at a time
-    finally:
-        read_ahead.close()
+    desc = f"evaluating base + {len(subsets)} subset(s)" if progress else None
+    for layer, w in stream_layers(ckpt, dtype=dt, device=dev, desc=desc):
+        moe = not cfg.layer_routing(layer).is_dense
+        for i, x in enumerate(states[0]):
+            hook = _mass_hook(cfg, layer, subsets, [s[i] for s in sub_stats]) if moe and subsets else None
+            states[0][i] = reference.decoder_layer(x, w, cfg, layer, None, hook)
+        for m, keep in enumerate(masks, start=1):
+            states[m] = [reference.decoder_layer(x, w, cfg, layer, keep[layer]) for x in states[m]]
     base_stats, base_top = [], []
     for ids, x in zip(sequences, states[0]):
         stats, top = _score(ckpt, ids.to(dev), x, None, dt)
@@ -248,7 +239,7 @@ def evaluate(base: Checkpoint | str | os.PathLike[str], subsets: Sequence[Subset
     cfg = ckpt.config
     for spec in subsets:
         spec.check_against(ckpt)
-    items = list(examples) if _all_examples(examples) else load_examples(examples)
+    items = ensure_examples(examples)
     sequences, warnings = tokenize_examples(ckpt, items, max_tokens_per_example)
     if sum(len(s) - 1 for s in sequences) < 1:
         raise EvalError("the examples have no token to predict (each needs at least 2 tokens)")
@@ -261,13 +252,13 @@ def evaluate(base: Checkpoint | str | os.PathLike[str], subsets: Sequence[Subset
             "base_params": total_params, "base_bytes": total_bytes}
     base_eval = _model_eval("base", base_totals, base_totals, full)
     base_eval.experts = list(cfg.experts_per_layer)
-    base_eval.routed_experts = [len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)]
+    base_eval.routed_experts = cfg.routed_counts()
     results = []
     for spec, per_seq in zip(subsets, sub_seq):
         totals = Totals.of(per_seq)
         result = _model_eval(spec.name, totals, base_totals, subset_sizes(ckpt, spec))
         result.experts = [len(ids) for ids in spec.experts]
-        result.routed_experts = [len(set(ids) & set(routed_ids(cfg, i))) if ids else 0
+        result.routed_experts = [len(set(ids) & set(cfg.layer_routing(i).routed_ids))
                                  for i, ids in enumerate(spec.experts)]
         result.router_mass = totals.router_mass()
         results.append(result)
@@ -275,6 +266,6 @@ def evaluate(base: Checkpoint | str | os.PathLike[str], subsets: Sequence[Subset
         base_ref=BaseRef(location=ckpt.location, fingerprint=ckpt.fingerprint),
         examples=len(items), tokens=base_totals.tokens,
         example_fingerprints=[ex.fingerprint for ex in items], warnings=warnings,
-        dtype=str(_as_dtype(dtype)).removeprefix("torch."), base=base_eval, subsets=results,
+        dtype=str(as_dtype(dtype)).removeprefix("torch."), base=base_eval, subsets=results,
     )
 

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
     from .checkpoint import Checkpoint
 
+# Defaults of `load_examples`; the server passes its own (`EMO_MAX_EXAMPLES`, `EMO_MAX_EXAMPLE_CHARS`).
 MAX_EXAMPLES = 64
 MAX_EXAMPLE_CHARS = 200_000  # ~50k tokens: far above any context, so only absurd inputs are refused
-MAX_FILE_BYTES = 64 * MAX_EXAMPLE_CHARS
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -56,34 +56,66 @@ class Example:
         return examples_fingerprint(self.canonical)
 
 
-def load_examples(source: Source) -> list[Example]:
+def load_examples(source: Source, *, max_examples: int = MAX_EXAMPLES,
+                  max_chars: int = MAX_EXAMPLE_CHARS) -> list[Example]:
     """Validated examples from a file path or a list of strings / `{"text"}` / `{"messages"}` dicts.
 
-    A `str` is a file path; pass a list to give literal text. Raises `ExamplesError` naming the
-    file, line or list index of the first problem.
+    A `str` is a file path; pass a list to give literal text. At most `max_examples` examples of
+    at most `max_chars` characters each (a chat: in all). Raises `ExamplesError` naming the file,
+    line or list index of the first problem.
     """
+    limits = _Limits(max_examples, max_chars)
     if isinstance(source, (str, os.PathLike)):
-        return _check_count(_from_file(Path(source)), where=str(source))
+        return limits.count(_from_file(Path(source), limits), where=str(source))
     if not isinstance(source, Sequence):
         raise ExamplesError(f"examples: expected a file path or a list, got {type(source).__name__}")
-    items = [item if isinstance(item, Example) else _parse_item(item, where=f"examples[{i}]")
+    items = [item if isinstance(item, Example) else _parse_item(item, limits, where=f"examples[{i}]")
              for i, item in enumerate(source)]
-    return _check_count(items, where="examples")
+    return limits.count(items, where="examples")
 
 
-def _check_count(examples: list[Example], *, where: str) -> list[Example]:
-    if not examples:
-        raise ExamplesError(f"{where}: no examples (give 1 to {MAX_EXAMPLES})")
-    if len(examples) > MAX_EXAMPLES:
-        raise ExamplesError(f"{where}: {len(examples)} examples, at most {MAX_EXAMPLES} are allowed")
-    return examples
+def ensure_examples(source: Source) -> list[Example]:
+    """`source` as examples: a list made only of `Example`s is taken as it is (they were
+    validated when made, perhaps under a server's own limits); anything else is loaded."""
+    if (isinstance(source, Sequence) and not isinstance(source, str) and len(source) > 0
+            and all(isinstance(e, Example) for e in source)):
+        return [e for e in source if isinstance(e, Example)]
+    return load_examples(source)
 
 
-def _from_file(path: Path) -> list[Example]:
+@dataclass(frozen=True)
+class _Limits:
+    """How many examples, and how long, one call of `load_examples` accepts."""
+
+    examples: int
+    chars: int
+
+    @property
+    def file_bytes(self) -> int:
+        return self.examples * self.chars
+
+    def count(self, examples: list[Example], *, where: str) -> list[Example]:
+        if not examples:
+            raise ExamplesError(f"{where}: no examples (give 1 to {self.examples})")
+        if len(examples) > self.examples:
+            raise ExamplesError(f"{where}: {len(examples)} examples, at most {self.examples} are allowed")
+        return examples
+
+    def text(self, text: Any, *, where: str) -> str:
+        if not isinstance(text, str):
+            raise ExamplesError(f"{where}: expected a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ExamplesError(f"{where}: empty example")
+        if len(text) > self.chars:
+            raise ExamplesError(f"{where}: {len(text)} characters, at most {self.chars} are allowed")
+        return text
+
+
+def _from_file(path: Path, limits: _Limits) -> list[Example]:
     try:
         size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ExamplesError(f"{path}: {size} bytes, examples files are limited to {MAX_FILE_BYTES}")
+        if size > limits.file_bytes:
+            raise ExamplesError(f"{path}: {size} bytes, examples files are limited to {limits.file_bytes}")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ExamplesError(f"{path}: examples file not found") from None
@@ -96,14 +128,14 @@ def _from_file(path: Path) -> list[Example]:
         items = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                items.append(_parse_item(_json(line, where=f"{path}:{lineno}"), where=f"{path}:{lineno}"))
+                items.append(_parse_item(_json(line, where=f"{path}:{lineno}"), limits, where=f"{path}:{lineno}"))
         return items
     if suffix == ".json":
         data = _json(text, where=str(path))
         if not isinstance(data, list):
             raise ExamplesError(f"{path}: expected a JSON list of examples")
-        return [_parse_item(item, where=f"{path}[{i}]") for i, item in enumerate(data)]
-    return [Example(text=_check_text(chunk.strip(), where=f"{path} (example {i + 1})"),
+        return [_parse_item(item, limits, where=f"{path}[{i}]") for i, item in enumerate(data)]
+    return [Example(text=limits.text(chunk.strip(), where=f"{path} (example {i + 1})"),
                     where=f"{path} (example {i + 1})")
             for i, chunk in enumerate(c for c in _BLANK_LINES.split(text) if c.strip())]
 
@@ -115,30 +147,20 @@ def _json(text: str, *, where: str) -> Any:
         raise ExamplesError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
 
 
-def _parse_item(item: Any, *, where: str) -> Example:
+def _parse_item(item: Any, limits: _Limits, *, where: str) -> Example:
     if isinstance(item, str):
-        return Example(text=_check_text(item, where=where), where=where)
+        return Example(text=limits.text(item, where=where), where=where)
     if not isinstance(item, dict):
         raise ExamplesError(f"{where}: expected a string or an object with 'text' or 'messages'")
     keys = {"text", "messages"} & item.keys()
     if len(keys) != 1:
         raise ExamplesError(f"{where}: needs exactly one of 'text' or 'messages', got keys {sorted(item)}")
     if "text" in item:
-        return Example(text=_check_text(item["text"], where=f"{where}.text"), where=where)
-    return Example(messages=_check_messages(item["messages"], where=f"{where}.messages"), where=where)
+        return Example(text=limits.text(item["text"], where=f"{where}.text"), where=where)
+    return Example(messages=_check_messages(item["messages"], limits, where=f"{where}.messages"), where=where)
 
 
-def _check_text(text: Any, *, where: str) -> str:
-    if not isinstance(text, str):
-        raise ExamplesError(f"{where}: expected a string, got {type(text).__name__}")
-    if not text.strip():
-        raise ExamplesError(f"{where}: empty example")
-    if len(text) > MAX_EXAMPLE_CHARS:
-        raise ExamplesError(f"{where}: {len(text)} characters, at most {MAX_EXAMPLE_CHARS} are allowed")
-    return text
-
-
-def _check_messages(messages: Any, *, where: str) -> tuple[dict[str, str], ...]:
+def _check_messages(messages: Any, limits: _Limits, *, where: str) -> tuple[dict[str, str], ...]:
     if not isinstance(messages, list) or not messages:
         raise ExamplesError(f"{where}: expected a non-empty list of messages")
     out = []
@@ -148,13 +170,14 @@ def _check_messages(messages: Any, *, where: str) -> tuple[dict[str, str], ...]:
             raise ExamplesError(f"{at}: expected an object with a 'role' string and 'content'")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            parts = [p["text"] for p in content
+                     if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
+            if len(parts) != len(content):
                 raise ExamplesError(f"{at}.content: only text content parts are supported")
             content = "".join(parts)
-        out.append({"role": m["role"], "content": _check_text(content, where=f"{at}.content")})
-    if sum(len(m["content"]) for m in out) > MAX_EXAMPLE_CHARS:
-        raise ExamplesError(f"{where}: more than {MAX_EXAMPLE_CHARS} characters in all")
+        out.append({"role": m["role"], "content": limits.text(content, where=f"{at}.content")})
+    if sum(len(m["content"]) for m in out) > limits.chars:
+        raise ExamplesError(f"{where}: more than {limits.chars} characters in all")
     return tuple(out)
 
 
@@ -163,7 +186,7 @@ def _check_messages(messages: Any, *, where: str) -> tuple[dict[str, str], ...]:
 class ChatTokenizer:
     """The checkpoint's tokenizer plus what rendering a chat needs from `tokenizer_config.json`."""
 
-    tokenizer: "Tokenizer"
+    tokenizer: Tokenizer
     chat_template: str | None
     special: dict[str, str]  # bos_token, eos_token, ... as template variables
 
@@ -187,7 +210,7 @@ class ChatTokenizer:
             raise ExamplesError(f"{example.where}: chat template failed: {exc}") from None
 
 
-def load_tokenizer(ckpt: "Checkpoint") -> ChatTokenizer:
+def load_tokenizer(ckpt: Checkpoint) -> ChatTokenizer:
     """Tokenizer and chat template from the checkpoint's `tokenizer.json`/`tokenizer_config.json`
     (or `chat_template.jinja`, where newer exports keep the template)."""
     from tokenizers import Tokenizer
@@ -202,7 +225,7 @@ def load_tokenizer(ckpt: "Checkpoint") -> ChatTokenizer:
     if ckpt.exists("tokenizer_config.json"):
         try:
             config = json.loads(ckpt.read_file("tokenizer_config.json"))
-        except json.JSONDecodeError as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{ckpt.location}/tokenizer_config.json: not valid JSON ({exc})") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # the older named-templates form
@@ -252,8 +275,8 @@ def _compile(template: str) -> Any:
         raise ExamplesError(f"the checkpoint's chat template does not compile: {exc}") from None
 
 
-def tokenize_examples(ckpt: "Checkpoint", examples: Sequence[Example], max_tokens: int
-                      ) -> tuple[list["torch.Tensor"], list[str]]:
+def tokenize_examples(ckpt: Checkpoint, examples: Sequence[Example], max_tokens: int
+                      ) -> tuple[list[torch.Tensor], list[str]]:
     """Token ids per example (LongTensor [T]), truncated to `max_tokens` and to the model's
     context; each truncation is reported in the returned warnings (recorded in the output)."""
     import torch

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from .checkpoint import TOKENIZER_FILES, Checkpoint
-from .demo import write_sharded
 from .files import staged_dir
 from .safetensors_format import TensorSpec
+from .shards import write_sharded
 from .stream import iter_subset_tensors, plan_subset
 from .subset import MANIFEST_FILE, SubsetSpec
 

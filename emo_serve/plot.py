@@ -69,13 +69,11 @@ def heatmap(path: str | os.PathLike[str], *, scores: Sequence[Sequence[float]] |
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_profile(path: str | os.PathLike[str], *, scores: "Scores | None" = None,
-                 spec: "SubsetSpec | None" = None, config: "EmoConfig | None" = None,
+def plot_profile(path: str | os.PathLike[str], *, scores: Scores | None = None,
+                 spec: SubsetSpec | None = None, config: EmoConfig | None = None,
                  kept: Sequence[Sequence[int]] | None = None) -> None:
     """Heatmap of `scores` and/or the experts `spec` keeps (or `kept`, e.g. a scores file's
     top-K). Without scores, the layer shapes come from the base's `config`."""
-    from .subset import shared_ids
-
     if spec is not None:
         kept = spec.experts
     if scores is not None:
@@ -84,10 +82,10 @@ def plot_profile(path: str | os.PathLike[str], *, scores: "Scores | None" = None
         what = f"{scores.method} scores on {len(scores.example_fingerprints)} example(s)"
     elif config is not None:
         per_layer = config.experts_per_layer
-        shared = [shared_ids(config, i) if n else [] for i, n in enumerate(per_layer)]
+        shared = [config.layer_routing(i).shared_ids for i in range(len(per_layer))]
         what = "kept experts"
     else:
-        raise ValueError("plot_profile needs scores or the base config")
+        raise TypeError("plot_profile needs scores or the base config")  # a caller's bug, not bad input
     if kept is not None and len(kept) != len(per_layer):
         raise SubsetError(f"the subset lists {len(kept)} layers, the scores/base have {len(per_layer)}")
     title = f"{spec.name}: {what}" if spec is not None else what

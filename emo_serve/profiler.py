@@ -21,34 +21,25 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
-from tqdm.auto import tqdm
 
 from . import reference
-from .checkpoint import Checkpoint, coalesce, layer_tensor_names
+from .checkpoint import Checkpoint
 from .config import EmoConfig, LayerRouting
-from .demo import DTYPES
 from .errors import EmoServeError, SubsetError
-from .examples import Example, Source, load_examples, tokenize_examples
+from .examples import Source, ensure_examples, tokenize_examples
 from .files import atomic_write_text
-from .subset import BaseRef, Provenance, SubsetSpec, make_subset, routed_ids, shared_ids
+from .layers import ComputeError, as_device, as_dtype, stream_layers
+from .methods import METHODS
+from .subset import BaseRef, Provenance, SubsetSpec, make_subset
 
-SCORES_FORMAT = "emo-scores/v1"
-METHOD_HELP = {
-    "usage": "mean router probability (routed and shared parts each with their own softmax)",
-    "frequency": "share of tokens whose top-k holds the expert",
-    "layerwise": "usage with earlier layers already restricted to their chosen experts (greedy)",
-    "easy_ep": "EASY-EP output-aware importance: g * |E(h)| * (1 - cos(h, h + MoE(h)))",
-    "random": "seeded random scores (baseline; no forward pass)",
-}
-METHODS = tuple(METHOD_HELP)
+SCORES_FORMAT: Final = "emo-scores/v1"
 
 
 class ProfileError(EmoServeError):
@@ -127,9 +118,9 @@ class Scores(BaseModel):
         atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Scores":
+    def load(cls, path: str | os.PathLike[str]) -> Scores:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes()  # pydantic reports bad UTF-8 as it does bad JSON
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read scores ({exc.strerror})") from None
         try:
@@ -207,101 +198,11 @@ def _easy_ep(w: reference.LayerWeights, h: torch.Tensor, routing: reference.Rout
     return routing.weights * norms * change[:, None]
 
 
-class _ReadAhead:
-    """Reads a local checkpoint's next layer in a background thread into a small reused buffer,
-    so its bytes are in the OS page cache when the layer is loaded and disk reads overlap the
-    current layer's compute. The page cache is not process memory: no second layer is held in
-    RAM. (`posix_fadvise(WILLNEED)` would be simpler, but Linux caps it at the readahead window.)
-    Remote bases are read on demand as usual."""
-
-    CHUNK = 8 * 1024 * 1024
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        from fsspec.implementations.local import LocalFileSystem
-
-        self.ckpt = ckpt
-        self.enabled = isinstance(ckpt.fs, LocalFileSystem)
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def start(self, layer: int) -> None:
-        if not self.enabled or layer >= self.ckpt.config.num_hidden_layers:
-            return
-        self.close()
-        self.stop.clear()
-        names = layer_tensor_names(self.ckpt.config, layer)
-        runs = [(self.ckpt.path(r[0].shard.rsplit("/", 1)[-1]), r[0].start, r[-1].end)
-                for r in coalesce(self.ckpt.tensors[n] for n in names)]
-        self.thread = threading.Thread(target=self._read, args=(runs,), name="emo-read-ahead", daemon=True)
-        self.thread.start()
-
-    def _read(self, runs: list[tuple[str, int, int]]) -> None:
-        buf = bytearray(self.CHUNK)
-        for path, start, end in runs:
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    f.seek(start)
-                    while start < end and not self.stop.is_set():
-                        n = f.readinto(memoryview(buf)[: min(self.CHUNK, end - start)])
-                        if not n:
-                            break
-                        start += n
-            except OSError:
-                return  # only a hint: the real read reports any error
-
-    def close(self) -> None:
-        if self.thread is not None:
-            self.stop.set()
-            self.thread.join()
-            self.thread = None
-
-
-def _mask(cfg: EmoConfig, layer: int, ids: Sequence[int], device: torch.device) -> torch.Tensor:
-    mask = torch.zeros(cfg.experts_per_layer[layer], dtype=torch.bool)
-    mask[list(ids)] = True
-    return mask.to(device)
-
-
-def _probe_ids(cfg: EmoConfig, layer: int) -> list[int]:
+def _probe_ids(r: LayerRouting) -> list[int]:
     """The cheapest restriction of a layer (its shared experts only, else one routed expert):
     used while the full routing is recomputed from the hook's input, so scoring a layer
     does not run all of its experts twice."""
-    return shared_ids(cfg, layer) or routed_ids(cfg, layer)[:1]
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ProfileError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def _as_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ProfileError(f"unknown device {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProfileError(f"device {device!r}: CUDA is not available on this machine")
-    return dev
-
-
-def release_memory_eagerly() -> bool:
-    """Make glibc serve allocations of 1 MiB and more with mmap, process-wide, so a dropped layer
-    goes back to the OS at once. Otherwise malloc's adaptive threshold moves the 8 MB converted
-    weight tensors and the reader's chunk buffers onto the heap, where they fragment: loading one
-    emo-1b14b layer as float32 from bfloat16 then peaks at 4.1 GB instead of 3.4 GB. The CLI calls
-    this; a long-lived process (server) may prefer not to. Returns whether it took effect."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        return False
-    m_mmap_threshold = -3  # from <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 1 << 20))
+    return r.shared_ids or r.routed_ids[:1]
 
 
 @torch.inference_mode()
@@ -316,18 +217,22 @@ def profile(checkpoint: Checkpoint | str | os.PathLike[str], examples: Source, *
     """
     if method not in METHODS:
         raise ProfileError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    dt, dev = _as_dtype(dtype), _as_device(device)
+    try:
+        dt, dev = as_dtype(dtype), as_device(device)
+    except ComputeError as exc:  # the profiler's own error, whatever part of it refused
+        raise ProfileError(str(exc)) from None
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     cfg = ckpt.config
-    items = list(examples) if _all_examples(examples) else load_examples(examples)
-    routed = [routed_ids(cfg, i) if cfg.experts_per_layer[i] else [] for i in range(cfg.num_hidden_layers)]
+    items = ensure_examples(examples)
+    routing = [cfg.layer_routing(i) for i in range(cfg.num_hidden_layers)]
+    routed = [r.routed_ids for r in routing]
     sizes = None
     if method == "layerwise":
         if layerwise_size is None:
             raise ProfileError("method 'layerwise' needs the kept size (an int, or a fraction as a float)")
-        as_fraction = isinstance(layerwise_size, float)
-        sizes = resolve_sizes([len(r) for r in routed], size=None if as_fraction else layerwise_size,
-                              fraction=layerwise_size if as_fraction else None)
+        counts = [len(r) for r in routed]
+        sizes = (resolve_sizes(counts, fraction=layerwise_size) if isinstance(layerwise_size, float)
+                 else resolve_sizes(counts, size=layerwise_size))
     sequences, warnings = tokenize_examples(ckpt, items, max_tokens_per_example)
 
     tally = _Tally(cfg, dev)
@@ -345,7 +250,7 @@ def profile(checkpoint: Checkpoint | str | os.PathLike[str], examples: Source, *
         counts=[c.tolist() for c in tally.counts],
         tokens=tally.tokens,
         routed=routed,
-        shared=[shared_ids(cfg, i) if cfg.experts_per_layer[i] else [] for i in range(cfg.num_hidden_layers)],
+        shared=[r.shared_ids for r in routing],
         example_fingerprints=[ex.fingerprint for ex in items],
         example_tokens=[len(s) for s in sequences],
         warnings=warnings,
@@ -356,11 +261,6 @@ def profile(checkpoint: Checkpoint | str | os.PathLike[str], examples: Source, *
     )
     result._checkpoint = ckpt
     return result
-
-
-def _all_examples(examples: Source) -> bool:
-    return (isinstance(examples, Sequence) and not isinstance(examples, str) and len(examples) > 0
-            and all(isinstance(e, Example) for e in examples))
 
 
 def _score_hook(method: str, tally: _Tally, w: reference.LayerWeights,
@@ -390,29 +290,22 @@ def _run_layers(ckpt: Checkpoint, sequences: list[torch.Tensor], method: str, ta
     cfg = ckpt.config
     hidden = reference.embed(ckpt, sequences, dtype=dtype, device=device)
     kept: list[list[int]] = []
-    read_ahead = _ReadAhead(ckpt)
-    try:
-        for layer in tqdm(range(cfg.num_hidden_layers), desc=f"profiling ({method})", unit="layer",
-                          disable=not progress, leave=False):
-            read_ahead.close()  # normally long done; else this layer's own read takes over
-            w = reference.load_layer(ckpt, layer, dtype=dtype, device=device)
-            read_ahead.start(layer + 1)
-            r = cfg.layer_routing(layer)
-            hook = None if r.is_dense else _score_hook(method, tally, w, r)
-            if method == "layerwise" and not r.is_dense:
-                assert sizes is not None
-                probe = _mask(cfg, layer, _probe_ids(cfg, layer), device)
-                for x in hidden:
-                    reference.decoder_layer(x, w, cfg, layer, probe, hook)
-                sums = tally.sums[layer].tolist()
-                choice = sorted(sorted(routed[layer], key=lambda e: (-sums[e], e))[: sizes[layer]])
-                kept.append(choice)
-                mask = _mask(cfg, layer, choice + shared_ids(cfg, layer), device)
-                hidden = [reference.decoder_layer(x, w, cfg, layer, mask) for x in hidden]
-            else:
-                kept.append([])
-                hidden = [reference.decoder_layer(x, w, cfg, layer, None, hook) for x in hidden]
-            del w, hook  # only one layer's weights are ever resident
-    finally:
-        read_ahead.close()
+    for layer, w in stream_layers(ckpt, dtype=dtype, device=device,
+                                  desc=f"profiling ({method})" if progress else None):
+        r = cfg.layer_routing(layer)
+        hook = None if r.is_dense else _score_hook(method, tally, w, r)
+        if method == "layerwise" and not r.is_dense:
+            assert sizes is not None
+            probe = reference.keep_mask(cfg, layer, _probe_ids(r)).to(device)
+            for x in hidden:
+                reference.decoder_layer(x, w, cfg, layer, probe, hook)
+            sums = tally.sums[layer].tolist()
+            choice = sorted(sorted(routed[layer], key=lambda e: (-sums[e], e))[: sizes[layer]])
+            kept.append(choice)
+            mask = reference.keep_mask(cfg, layer, r.kept_ids(choice)).to(device)
+            hidden = [reference.decoder_layer(x, w, cfg, layer, mask) for x in hidden]
+        else:
+            kept.append([])
+            hidden = [reference.decoder_layer(x, w, cfg, layer, None, hook) for x in hidden]
+        del hook
     return kept if method == "layerwise" else None

@@ -5,7 +5,7 @@ It follows `modeling_emo.py` (pre-norm decoder, RoPE, SwiGLU experts) and its ro
 top-(k-s) routed plus all shared, no renormalisation; with always-active ids, one softmax over
 all experts; with neither, softmax -> top-k (-> renormalise if `norm_topk_prob`).
 
-The model is streamed one layer at a time through the checkpoint reader (`LayerWeights`), so
+The model is streamed one layer at a time (`layers.stream_layers`), so
 the same code runs the 28 GB model in a few GB; hooks let the profiler and `eval` look at (or
 restrict) each layer's routing.
 """
@@ -18,22 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Checkpoint, layer_tensor_names
+from .checkpoint import Checkpoint
 from .config import EmoConfig, LayerRouting
-
-LayerWeights = dict[str, torch.Tensor]  # short names: "q", "k", ..., "gate", "experts.3.up"
-
-
-def load_layer(ckpt: Checkpoint, layer: int, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LayerWeights:
-    """One decoder layer's tensors, keyed by their name after `model.layers.{i}.`."""
-    prefix = f"model.layers.{layer}."
-    names = layer_tensor_names(ckpt.config, layer)
-    out: LayerWeights = {}
-    for name, t in ckpt.read_many(names):
-        key = name[len(prefix):].replace("self_attn.", "").replace("mlp.", "")
-        out[key.removesuffix(".weight")] = t.to(device=device, dtype=dtype)
-    return out
+from .layers import LayerWeights, stream_layers
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -183,25 +170,22 @@ def forward(ckpt: Checkpoint, sequences: Sequence[torch.Tensor] | torch.Tensor, 
     if isinstance(sequences, torch.Tensor):
         sequences = [sequences] if sequences.dim() == 1 else list(sequences)
     hidden = embed(ckpt, sequences, dtype=dtype, device=device)
-    for layer in range(ckpt.config.num_hidden_layers):
-        w = load_layer(ckpt, layer, dtype=dtype, device=device)
+    for layer, w in stream_layers(ckpt, dtype=dtype, device=device):
         mask = keep[layer] if keep is not None else None
         if mask is not None:
             mask = mask.to(device)
         hidden = [decoder_layer(x, w, ckpt.config, layer, mask, hook) for x in hidden]
-        del w
     return final_logits(ckpt, hidden, dtype=dtype)
+
+
+def keep_mask(cfg: EmoConfig, layer: int, ids: Sequence[int]) -> torch.Tensor:
+    """A bool mask over `layer`'s experts, true at `ids` (the `keep` argument of `route`)."""
+    mask = torch.zeros(cfg.experts_per_layer[layer], dtype=torch.bool)
+    mask[list(ids)] = True
+    return mask
 
 
 def keep_masks(cfg: EmoConfig, experts: Sequence[Sequence[int]]) -> list[torch.Tensor | None]:
     """Bool masks over each layer's experts from per-layer kept ids (None for dense layers)."""
-    masks: list[torch.Tensor | None] = []
-    for layer, ids in enumerate(experts):
-        n = cfg.experts_per_layer[layer]
-        if n == 0:
-            masks.append(None)
-            continue
-        m = torch.zeros(n, dtype=torch.bool)
-        m[list(ids)] = True
-        masks.append(m)
-    return masks
+    return [keep_mask(cfg, layer, ids) if cfg.experts_per_layer[layer] else None
+            for layer, ids in enumerate(experts)]

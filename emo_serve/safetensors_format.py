@@ -159,7 +159,7 @@ class SafetensorsWriter:
         self._next = 0
         self._file: BinaryIO | None = None
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         self._file = open(self.path, "wb")
         self._file.write(self._header)
         return self
@@ -174,7 +174,7 @@ class SafetensorsWriter:
             )
         data = tensor.detach().contiguous().cpu()
         if data.numel():
-            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)  # a view: no copy
         self._next += 1
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

@@ -12,16 +12,15 @@ import ipaddress
 import os
 import re
 import shlex
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_MODEL_ID = "emo-demo"
+from .names import NAME_RULES, is_valid_name
+
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def default_state_dir() -> Path:
@@ -46,56 +45,81 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+_TUNING: dict[str, Any] = {"group": "limits and tuning"}  # where `emo-serve serve --help` lists a field
+
+
 class Settings(BaseSettings):
-    """Everything `emo-serve serve` can be told; see `docs` of each field for its flag."""
+    """Everything `emo-serve serve` can be told: each field is a flag and an `EMO_*` variable."""
 
     model_config = SettingsConfigDict(env_prefix="EMO_", extra="forbid", validate_default=True)
 
-    model: str | None = None
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    state_dir: Path = Field(default_factory=default_state_dir)
-    api_key: SecretStr | None = None
-    admin_key: SecretStr | None = None
-    allow_insecure_admin: bool = False
+    # Each field is a flag of `emo-serve serve` (`cli/serve.py` builds them from this class, with
+    # these descriptions as their help) and an `EMO_*` environment variable.
+    model: str | None = Field(None, description="base checkpoint: directory, fsspec URL or HF id "
+                              "(default: the embedded demo model)")
+    served_model_name: str | None = Field(None, description="model id of the base in the API "
+                                          "(default: the last part of --model)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    state_dir: Path = Field(default_factory=default_state_dir, description="subsets, demo model and engine "
+                            "logs (default: $XDG_DATA_HOME/emo-serve)")
+    api_key: SecretStr | None = Field(None, description="bearer key for /v1/*")
+    admin_key: SecretStr | None = Field(None, description="bearer key for subset changes; defaults to the API key")
+    allow_insecure_admin: bool = Field(False, description="allow a non-loopback bind with no admin key")
     engine_mode: Literal["auto", "shared", "dedicated"] = Field(
         "auto", description="shared: one vLLM engine serves the base and every subset (per-request expert "
         "masks; vLLM's V1 CPU runner); dedicated: one engine per model; auto: shared on CPU, dedicated on GPUs")
     subset_slots: int = Field(64, ge=2, le=4096, description="mask rows of a shared engine, row 0 being the "
                               "unmasked base")
-    max_engines: int = Field(2, ge=1, le=64)
-    kv_cache_gb: float = Field(1.0, gt=0)
-    serve_base: bool = True
-    preload_subsets: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: int | None = Field(None, ge=16)
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "half", "float"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine_start_timeout: float = Field(600.0, gt=0)
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    # Added beyond the agreed list (limits and tuning; all have safe defaults).
-    engine_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    load_wait_timeout: float = Field(0.0, ge=0)  # 0: same as engine_start_timeout
-    drain_timeout: float = Field(30.0, ge=0)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_header_bytes: int = Field(16 * 1024, ge=1024)
-    max_n: int = Field(16, ge=1)
-    max_examples: int = Field(64, ge=1)
-    max_example_chars: int = Field(200_000, ge=1)
+    max_engines: int = Field(2, ge=1, le=64, description="resident vLLM engines, least recently used evicted")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV cache per engine, GiB")
+    serve_base: bool = Field(True, description="also serve the full base model")
+    preload_subsets: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="subset manifest registered and loaded at start; repeatable "
+        "(environment: comma-separated)")
+    tensor_parallel_size: int = Field(1, ge=1, description="passed to each engine")
+    max_model_len: int | None = Field(None, ge=16, description="context length passed to vLLM "
+                                      "(default: the model's)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "half", "float"] = Field(
+        "auto", description="engine dtype")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where engines and profiling run (auto: cuda if there is a GPU)")
+    engine_start_timeout: float = Field(600.0, gt=0, description="seconds an engine may take to become healthy")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    # Limits and tuning: all have safe defaults.
+    engine_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra vLLM server argument, repeatable (environment: one "
+        "shell-quoted string)", json_schema_extra=_TUNING)
+    load_wait_timeout: float = Field(0.0, ge=0, description="seconds a request waits for its model to load; "
+                                     "0 = the engine start timeout", json_schema_extra=_TUNING)
+    drain_timeout: float = Field(30.0, ge=0, description="seconds shutdown waits for requests in flight",
+                                 json_schema_extra=_TUNING)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request body limit",
+                                json_schema_extra=_TUNING)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request header limit",
+                                  json_schema_extra=_TUNING)
+    max_n: int = Field(16, ge=1, description="largest `n` per request", json_schema_extra=_TUNING)
+    max_examples: int = Field(64, ge=1, description="profiling examples per subset", json_schema_extra=_TUNING)
+    max_example_chars: int = Field(200_000, ge=1, description="characters per profiling example",
+                                   json_schema_extra=_TUNING)
     # Supervision and timeouts (a hung engine or a client that stops reading must not hold a slot).
-    probe_interval: float = Field(10.0, gt=0, description="seconds between health probes of each ready engine")
-    probe_timeout: float = Field(5.0, gt=0, description="seconds an engine has to answer a health probe")
-    probe_misses: int = Field(3, ge=1, description="missed probes in a row before an engine is killed")
+    probe_interval: float = Field(10.0, gt=0, description="seconds between health probes of each ready engine",
+                                  json_schema_extra=_TUNING)
+    probe_timeout: float = Field(5.0, gt=0, description="seconds an engine has to answer a health probe",
+                                 json_schema_extra=_TUNING)
+    probe_misses: int = Field(3, ge=1, description="missed probes in a row before an engine is killed",
+                              json_schema_extra=_TUNING)
     upstream_read_timeout: float = Field(900.0, gt=0, description="seconds to wait for an engine's whole "
-                                         "non-streamed answer (504 after)")
+                                         "non-streamed answer (504 after)", json_schema_extra=_TUNING)
     upstream_idle_timeout: float = Field(300.0, gt=0, description="seconds a streamed answer may pause "
-                                         "between events before it is ended with an error")
+                                         "between events before it is ended with an error", json_schema_extra=_TUNING)
     client_send_timeout: float = Field(30.0, gt=0, description="seconds a client may leave a streamed "
-                                       "answer unread before it is dropped and its request aborted")
+                                       "answer unread before it is dropped and its request aborted",
+                                       json_schema_extra=_TUNING)
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Host header values accepted (comma-separated; '*' = any). "
-        "Default: loopback names when no API key is set (against DNS rebinding), any host otherwise")
+        "Default: loopback names when no API key is set (against DNS rebinding), any host otherwise",
+        json_schema_extra=_TUNING)
 
     @field_validator("log_level", "dtype", "device", "engine_mode", mode="before")
     @classmethod
@@ -120,13 +144,12 @@ class Settings(BaseSettings):
     @field_validator("served_model_name")
     @classmethod
     def _model_id(cls, v: str | None) -> str | None:
-        if v is not None and (not _MODEL_ID.match(v) or ".." in v):
-            raise ValueError(f"{v!r}: a model id is 1-64 letters, digits, '_', '-', '.', "
-                             "starting with a letter or digit, without '..'")
+        if v is not None and not is_valid_name(v):
+            raise ValueError(f"{v!r}: a model id is {NAME_RULES}")
         return v
 
     @model_validator(mode="after")
-    def _secure(self) -> "Settings":
+    def _secure(self) -> Settings:
         if not is_loopback(self.host) and self.effective_admin_key is None and not self.allow_insecure_admin:
             raise ValueError(
                 f"host {self.host!r} is not a loopback address and no admin key is set: anyone who "
@@ -156,40 +179,8 @@ class Settings(BaseSettings):
         return self.load_wait_timeout or self.engine_start_timeout
 
     @property
-    def subsets_dir(self) -> Path:
-        return self.state_dir / "subsets"
-
-    @property
-    def materialized_dir(self) -> Path:
-        return self.state_dir / "materialized"
-
-    @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
-
-
-def shipped_default_model() -> Path | None:
-    """The trained toy EMO shipped inside the package, if this build has one."""
-    shipped = resources.files("emo_serve") / "data" / "models" / DEFAULT_MODEL_ID
-    return Path(str(shipped)) if (shipped / "config.json").is_file() else None
-
-
-def resolve_default_model(state_dir: Path) -> Path:
-    """The embedded default base: the shipped toy EMO if there is one, otherwise the tiny demo
-    checkpoint, generated once into `<state_dir>/models/emo-demo`."""
-    shipped = shipped_default_model()
-    if shipped is not None:
-        return shipped
-    target = state_dir / "models" / DEFAULT_MODEL_ID
-    if not (target / "config.json").is_file():
-        from .demo import write_demo_checkpoint
-
-        try:
-            write_demo_checkpoint(target, "tiny", seed=0)
-        except FileExistsError:  # another process generated it first (or left a partial dir)
-            if not (target / "config.json").is_file():
-                raise
-    return target
 
 
 def derive_model_id(location: str) -> str:

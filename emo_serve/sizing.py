@@ -28,10 +28,10 @@ from pydantic import BaseModel, Field
 from .checkpoint import Checkpoint
 from .config import EmoConfig
 from .errors import EmoServeError
-from .evaluate import Totals, evaluate_experts, relative_increase
-from .examples import Example, Source, load_examples, tokenize_examples
-from .profiler import Scores, _all_examples, profile, resolve_sizes
-from .subset import SubsetSpec, routed_ids, shared_ids
+from .evaluate import SequenceStats, Totals, evaluate_experts, relative_increase
+from .examples import Example, Source, ensure_examples, tokenize_examples
+from .profiler import Scores, profile, resolve_sizes
+from .subset import SubsetSpec
 
 
 class SizingError(EmoServeError):
@@ -70,7 +70,7 @@ class _Folds:
                  device: str | torch.device, dtype: torch.dtype | str, max_tokens: int, seed: int,
                  progress: bool) -> None:
         self.ckpt, self.method, self.progress = ckpt, method, progress
-        self.kw = dict(device=device, dtype=dtype, max_tokens_per_example=max_tokens, seed=seed)
+        self.device, self.dtype, self.max_tokens, self.seed = device, dtype, max_tokens, seed
         # folds <= 1 asks for in-sample scoring on purpose (the budget's greedy rounds).
         self.in_sample = len(items) == 1 or folds <= 1
         k = 1 if self.in_sample else min(folds, len(items))
@@ -95,22 +95,23 @@ class _Folds:
                                       "use 'usage' for per-layer budgets")
                 layerwise_size = moe.pop()
             self._scores[key] = profile(self.ckpt, self.splits[fold][0], method=self.method,
-                                        layerwise_size=layerwise_size, progress=False, **self.kw)
+                                        layerwise_size=layerwise_size, progress=False, device=self.device,
+                                        dtype=self.dtype, max_tokens_per_example=self.max_tokens, seed=self.seed)
         return self._scores[key]
 
     def measure(self, candidates: Sequence[Sequence[int]]) -> tuple[Totals, list[Totals]]:
         """Held-out totals of the base and of each candidate (routed sizes per layer), summed over
         folds; one layer-streamed pass per fold scores all candidates together."""
         cfg = self.ckpt.config
-        base_all, sub_all = [], [[] for _ in candidates]
+        base_all: list[SequenceStats] = []
+        sub_all: list[list[SequenceStats]] = [[] for _ in candidates]
         for fold, sequences in enumerate(self.heldout):
             experts = []
             for sizes in candidates:
                 top = self.scores(fold, sizes).top(sizes)
-                experts.append([sorted(ids + shared_ids(cfg, i)) if cfg.experts_per_layer[i] else []
-                                for i, ids in enumerate(top)])
-            base, subs = evaluate_experts(self.ckpt, sequences, experts, dtype=self.kw["dtype"],
-                                          device=self.kw["device"], progress=self.progress)
+                experts.append([cfg.layer_routing(i).kept_ids(ids) for i, ids in enumerate(top)])
+            base, subs = evaluate_experts(self.ckpt, sequences, experts, dtype=self.dtype,
+                                          device=self.device, progress=self.progress)
             base_all += base
             for acc, per_seq in zip(sub_all, subs):
                 acc += per_seq
@@ -122,14 +123,15 @@ def _candidate(sizes: Sequence[int], sub: Totals, base: Totals) -> Candidate:
                      accuracy_change=100 * (sub.accuracy - base.accuracy))
 
 
-def _estimate(folds: _Folds, sizes: list[int], sub: Totals, base: Totals, candidates: list[Candidate],
-              **request: float | int | None) -> QualityEstimate:
+def _estimate(folds: _Folds, sizes: list[int], sub: Totals, base: Totals, candidates: list[Candidate], *,
+              max_loss_increase: float | None = None, budget: int | None = None) -> QualityEstimate:
     return QualityEstimate(
         estimate=folds.label, folds=len(folds.splits), examples=sum(len(t) for _, t in folds.splits),
         tokens=base.tokens, method=folds.method, sizes=sizes,
         relative_change=relative_increase(sub, base), accuracy_change=100 * (sub.accuracy - base.accuracy),
         agreement=sub.agreement, base_perplexity=math.exp(base.mean_nll), perplexity=math.exp(sub.mean_nll),
-        candidates=sorted(candidates, key=lambda c: sum(c.sizes)), **request)
+        candidates=sorted(candidates, key=lambda c: sum(c.sizes)), max_loss_increase=max_loss_increase,
+        budget=budget)
 
 
 def smallest_size(folds: _Folds, routed: Sequence[int], tolerance: float, per_pass: int = 8
@@ -168,11 +170,6 @@ def _check_budget(routed: Sequence[int], budget: int) -> None:
                           f"and {sum(routed)} (all of them)")
 
 
-def routed_counts(cfg: EmoConfig) -> list[int]:
-    """Routed experts per layer (0 for a dense layer)."""
-    return [len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)]
-
-
 def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: int | None, method: str) -> None:
     """Raise SizingError for a request `auto_subset` cannot do, before any work is spent on it
     (the server answers 400 instead of failing the subset later)."""
@@ -185,7 +182,7 @@ def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: in
     if budget is not None:
         if method == "layerwise":
             raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget")
-        _check_budget(routed_counts(cfg), budget)
+        _check_budget(cfg.routed_counts(), budget)
 
 
 def allocate_budget(folds: _Folds, routed: Sequence[int], budget: int, *, max_rounds: int = 16,
@@ -223,16 +220,19 @@ def auto_subset(checkpoint: Checkpoint | str | os.PathLike[str], examples: Sourc
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     cfg = ckpt.config
     check_request(cfg, max_loss_increase=max_loss_increase, budget=budget, method=method)
-    items = list(examples) if _all_examples(examples) else load_examples(examples)
-    routed = routed_counts(cfg)
-    common = dict(device=device, dtype=dtype, max_tokens=max_tokens_per_example, seed=seed, progress=progress)
-    cv = _Folds(ckpt, items, folds, method, **common)
+    items = ensure_examples(examples)
+    routed = cfg.routed_counts()
+    def split(k: int) -> _Folds:
+        return _Folds(ckpt, items, k, method, device=device, dtype=dtype, max_tokens=max_tokens_per_example,
+                      seed=seed, progress=progress)
+
+    cv = split(folds)
     if max_loss_increase is not None:
         sizes, estimate = smallest_size(cv, routed, max_loss_increase)
     else:
         assert budget is not None
         resolve_sizes(routed, sizes=[1 if n else 0 for n in routed])  # fails early on odd configs
-        whole = _Folds(ckpt, items, 1, method, **common)
+        whole = split(1)  # in-sample: the greedy rounds rank every removal on all examples
         sizes = allocate_budget(cv, routed, budget, measure_on=whole.measure)
         base, (sub,) = cv.measure([sizes])
         estimate = _estimate(cv, sizes, sub, base, [_candidate(sizes, sub, base)], budget=budget)

@@ -63,6 +63,17 @@ def plan_subset(ckpt: Checkpoint, spec: SubsetSpec) -> list[PlannedTensor]:
     return plan
 
 
+def subset_sizes(ckpt: Checkpoint, spec: SubsetSpec) -> dict[str, int]:
+    """Parameters and bytes of the subset vs its base, from the tensor table alone."""
+    plan = plan_subset(ckpt, spec)
+    return {
+        "subset_bytes": sum(t.nbytes for t in plan),
+        "base_bytes": ckpt.total_tensor_bytes,
+        "subset_params": sum(t.numel for t in plan),
+        "base_params": sum(t.numel for t in ckpt.tensors.values()),
+    }
+
+
 def row_runs(info: TensorInfo, rows: list[int]) -> list[TensorInfo]:
     """Byte ranges of `rows` (sorted) of a 2-D tensor, one per run of consecutive rows."""
     row_bytes = info.nbytes // info.shape[0]

@@ -10,31 +10,22 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .checkpoint import Checkpoint
 from .config import EmoConfig, validation_details
 from .errors import SubsetError
 from .files import atomic_write_text
+from .names import validate_name
 
-SUBSET_FORMAT = "emo-subset/v1"
+if TYPE_CHECKING:  # only annotations: the manifest itself needs no tensor reader (nor torch)
+    from .checkpoint import Checkpoint
+
+SUBSET_FORMAT: Final = "emo-subset/v1"
 MANIFEST_FILE = "subset.json"
-NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" allows a trailing newline
-
-
-def validate_name(name: str) -> str:
-    """A subset name is a file name in the state dir and a model id: no paths, no dot-dot."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise SubsetError(
-            f"invalid subset name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
-            "starting with a letter or digit, without '..'"
-        )
-    return name
 
 
 class BaseRef(BaseModel):
@@ -50,7 +41,7 @@ class Provenance(BaseModel):
     fraction: float | None = None
     seed: int | None = None
     example_fingerprints: list[str] = Field(default_factory=list)
-    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     details: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -82,15 +73,15 @@ class SubsetSpec(BaseModel):
 
     # -- persistence ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "SubsetSpec":
+    def load(cls, path: str | os.PathLike[str]) -> SubsetSpec:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes()  # pydantic reports bad UTF-8 as it does bad JSON
         except OSError as exc:
             raise SubsetError(f"{path}: cannot read subset manifest ({exc.strerror})") from None
         return cls.parse(text, source=str(path))
 
     @classmethod
-    def parse(cls, text: str | bytes, *, source: str = "subset manifest") -> "SubsetSpec":
+    def parse(cls, text: str | bytes, *, source: str = "subset manifest") -> SubsetSpec:
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
@@ -151,23 +142,12 @@ def check_experts(experts: list[list[int]], cfg: EmoConfig, *, where: str) -> No
         bad = [i for i in ids if not 0 <= i < r.num_experts]
         if bad:
             raise SubsetError(f"{where}: layer {layer}: expert ids {bad} out of range 0..{r.num_experts - 1}")
-        required = set(range(r.num_routed, r.num_experts)) | set(r.always_active)
+        required = set(r.shared_ids)
         missing = sorted(required - set(ids))
         if missing:
             raise SubsetError(f"{where}: layer {layer}: shared/always-active experts {missing} must be kept")
         if len(ids) == len(required) and r.num_routed > 0 and not set(ids) - required:
             raise SubsetError(f"{where}: layer {layer}: keeps no routed expert")
-
-
-def shared_ids(cfg: EmoConfig, layer: int) -> list[int]:
-    """Ids every subset must keep at `layer`: the shared experts and any always-active ones."""
-    r = cfg.layer_routing(layer)
-    return sorted(set(range(r.num_routed, r.num_experts)) | set(r.always_active))
-
-
-def routed_ids(cfg: EmoConfig, layer: int) -> list[int]:
-    keep = set(shared_ids(cfg, layer))
-    return [e for e in range(cfg.layer_routing(layer).num_experts) if e not in keep]
 
 
 def make_subset(ckpt: Checkpoint, routed: list[list[int]], name: str,
@@ -180,10 +160,7 @@ def make_subset(ckpt: Checkpoint, routed: list[list[int]], name: str,
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if list(ids).count(i) > 1})
             raise SubsetError(f"layer {layer}: duplicate expert ids {dup}")
-    experts = [
-        sorted(set(ids) | set(shared_ids(cfg, i))) if cfg.experts_per_layer[i] else []
-        for i, ids in enumerate(routed)
-    ]
+    experts = [cfg.layer_routing(i).kept_ids(ids) for i, ids in enumerate(routed)]
     try:
         spec = SubsetSpec(
             name=name,
@@ -203,26 +180,29 @@ def random_subset(ckpt: Checkpoint, size: int, name: str, seed: int = 0) -> Subs
     cfg = ckpt.config
     routed = []
     for layer in range(cfg.num_hidden_layers):
-        pool = routed_ids(cfg, layer)
+        pool = cfg.layer_routing(layer).routed_ids
         if pool and not 0 < size <= len(pool):
             raise SubsetError(f"--random {size}: layer {layer} has {len(pool)} routed experts")
         routed.append(sorted(rng.sample(pool, size)) if pool else [])
     return make_subset(ckpt, routed, name, Provenance(method="random", size=size, seed=seed))
 
 
-def subset_sizes(ckpt: Checkpoint, spec: SubsetSpec) -> dict[str, int]:
-    """Parameters and bytes of the subset vs its base, from the tensor table alone."""
-    from .stream import plan_subset  # local: stream imports this module
-
-    plan = plan_subset(ckpt, spec)
-    sub_bytes = sum(t.nbytes for t in plan)
-    sub_params = sum(t.numel for t in plan)
-    return {
-        "subset_bytes": sub_bytes,
-        "base_bytes": ckpt.total_tensor_bytes,
-        "subset_params": sub_params,
-        "base_params": sum(t.numel for t in ckpt.tensors.values()),
-    }
+def union_specs(specs: list[SubsetSpec], name: str) -> SubsetSpec:
+    """Per layer, the union of the experts kept by subsets of one base (a multi-domain subset)."""
+    if not specs:
+        raise SubsetError("union needs at least one subset")
+    first = specs[0]
+    for spec in specs[1:]:
+        if spec.base.fingerprint != first.base.fingerprint:
+            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} have different bases "
+                              f"({first.base.fingerprint} vs {spec.base.fingerprint})")
+        if len(spec.experts) != len(first.experts):
+            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} list different numbers of layers")
+    experts = [sorted(set().union(*layer)) for layer in zip(*(s.experts for s in specs))]
+    fingerprints = list(dict.fromkeys(f for s in specs for f in s.provenance.example_fingerprints))
+    provenance = Provenance(method="union", example_fingerprints=fingerprints,
+                            details={"parts": [s.name for s in specs]})
+    return SubsetSpec(name=validate_name(name), base=first.base, experts=experts, provenance=provenance)
 
 
 def examples_fingerprint(text: str) -> str:

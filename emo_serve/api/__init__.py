@@ -1,4 +1,4 @@
-"""The HTTP front end: FastAPI app over the engine manager and the subset registry."""
+"""The HTTP front end: FastAPI app over the engine manager and the subset store."""
 
 from __future__ import annotations
 

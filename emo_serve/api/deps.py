@@ -1,9 +1,9 @@
 """Dependencies of the routes: the service and settings on `app.state`, and bearer-key auth.
 
 All are `async def`: FastAPI runs plain `def` dependencies on a thread pool, a thread hand-off
-per dependency per request. Keys are compared in constant time (`hmac.compare_digest`). `/v1/*` needs the API key when one
-is configured; creating, deleting, loading and unloading subsets needs the admin key (which
-defaults to the API key). Reading routes accept either key.
+per dependency per request. Keys are compared in constant time (`hmac.compare_digest`).
+`/v1/*` needs the API key when one is configured; creating, deleting, loading and unloading
+subsets needs the admin key (which defaults to the API key). Reading routes accept either key.
 """
 
 from __future__ import annotations

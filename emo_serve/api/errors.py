@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engines import CapacityExhausted, EngineError, ModelInUse, ModelUnavailable, UnknownModel
 from ..engines.manager import UpstreamTimeout
 from ..errors import EmoServeError
-from ..registry import NameTaken, SubsetNotFound
+from ..store import NameTaken, SubsetNotFound
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ async def _api(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    # Starlette types handlers as taking any Exception; these take the class they are registered for.
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     for cls in (APIError, EngineError, EmoServeError, Exception):

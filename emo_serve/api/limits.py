@@ -40,7 +40,7 @@ def _texts(body: CompletionRequest | ChatCompletionRequest) -> tuple[list[str], 
     return ["\n".join(parts)], []
 
 
-async def check_prompt(service: "EmoService", body: CompletionRequest | ChatCompletionRequest) -> None:
+async def check_prompt(service: EmoService, body: CompletionRequest | ChatCompletionRequest) -> None:
     limit = service.max_model_len
     texts, id_lengths = _texts(body)
     too_long = [n for n in id_lengths if n > limit]

@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import SubsetError
-from ..profiler import METHODS
-from ..subset import validate_name
+from ..methods import METHODS
+from ..names import validate_name
 
 NAME_FIELD = Field(min_length=1, max_length=64, description="subset name: also its model id")
 
@@ -141,6 +141,7 @@ class SubsetCreate(BaseModel):
     budget: int | None = Field(None, ge=1, description="routed experts summed over layers, placed per layer "
                                "where they lower the examples' loss most")
     folds: int = Field(5, ge=1, le=16, description="k-fold split of the examples for `max_loss_increase`/`budget`")
+    # A Literal spelled from the one METHODS tuple (mypy wants literal values; pydantic checks it).
     method: Literal[METHODS] = "usage"  # type: ignore[valid-type]
     max_tokens_per_example: int = Field(512, ge=1, le=8192)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -155,7 +156,7 @@ class SubsetCreate(BaseModel):
             raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
-    def _one_way(self) -> "SubsetCreate":
+    def _one_way(self) -> SubsetCreate:
         if (self.experts is None) == (self.examples is None):
             raise ValueError("give exactly one of `experts` or `examples`")
         sizing = sum(x is not None for x in (self.size, self.fraction, self.sizes, self.max_loss_increase,

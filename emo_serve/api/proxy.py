@@ -226,7 +226,7 @@ class ProxyStream(StreamingResponse):
             # reading would hold its lease (and an engine slot) for as long as it likes.
             try:
                 await asyncio.wait_for(send(message), self.timeouts.send)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.outcome = "client_timeout"
                 raise ClientTooSlow(f"client did not read for {self.timeouts.send:.0f} s") from None
 

@@ -8,28 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from urllib.parse import urlsplit, urlunsplit
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
 from ..checkpoint import Checkpoint
+from ..default_model import DEFAULT_MODEL_ID, resolve_default_model
+from ..engines import (
+    DedicatedPlacement,
+    EngineError,
+    EngineManager,
+    EngineOptions,
+    EngineState,
+    ModelUnavailable,
+    Placement,
+    SharedPlacement,
+    UnknownModel,
+    engine_platform,
+)
 from ..engines.manager import Probe
-from ..engines import (DedicatedPlacement, EngineError, EngineManager, EngineOptions, EngineState,
-                       ModelUnavailable, Placement, SharedPlacement, UnknownModel, engine_platform)
-from ..export import materialize_subset
 from ..errors import SubsetError
 from ..examples import load_examples
+from ..export import materialize_subset
 from ..metrics import Metrics
-from ..registry import ProfileJob, QualitySizing, SizeSelection, SubsetRecord, SubsetRegistry, SubsetState
-from ..settings import DEFAULT_MODEL_ID, Settings, derive_model_id, resolve_default_model
-from ..subset import SubsetSpec, make_subset, routed_ids
+from ..selection import SelectionRequest
+from ..settings import Settings, derive_model_id
+from ..store import SubsetRecord, SubsetState, SubsetStore
+from ..subset import SubsetSpec, make_subset
+from .jobs import ProfilingJobs
+from .protocol import EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate, SubsetObject, Version
 from .proxy import RelayTimeouts
-from .protocol import (EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate,
-                       SubsetObject, Version)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +77,8 @@ class EmoService:
         self.started = int(time.time())
         self.base: Checkpoint
         self.base_id: str
-        self.registry: SubsetRegistry
+        self.registry: SubsetStore
+        self.jobs: ProfilingJobs
         self.engines: EngineManager
         self.placement: Placement
         self.max_model_len = 0
@@ -87,7 +100,8 @@ class EmoService:
         self.base_id = s.served_model_name or (DEFAULT_MODEL_ID if s.model is None else derive_model_id(location))
         cfg = self.base.config
         self.max_model_len = min(s.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.registry = SubsetRegistry(self.base, self.base_id, s.state_dir)
+        self.registry = SubsetStore(self.base, self.base_id, s.state_dir)
+        self.jobs = ProfilingJobs(self.registry)
         self.registry.load_existing()
         preloads = [SubsetSpec.load(p) for p in s.preload_subsets]
         for spec in preloads:
@@ -148,7 +162,8 @@ class EmoService:
         if "://" not in self.base.location:
             return self.base.location
         cfg = self.base.config
-        spec = make_subset(self.base, [routed_ids(cfg, i) for i in range(cfg.num_hidden_layers)], self.base_id)
+        spec = make_subset(self.base, [cfg.layer_routing(i).routed_ids for i in range(cfg.num_hidden_layers)],
+                           self.base_id)
         return str(self.registry.materialize(spec))
 
     def _engine_mode(self) -> str:
@@ -165,7 +180,8 @@ class EmoService:
     def _engine_dir(self, experts: list[list[int]], engine_id: str) -> str:
         """A weightless model dir for a shared engine holding `experts` (the plugin reads only
         their bytes from the base); runs on a worker thread."""
-        routed = [[e for e in ids if e in set(routed_ids(self.base.config, i))] for i, ids in enumerate(experts)]
+        routing = [self.base.config.layer_routing(i) for i in range(len(experts))]
+        routed = [[e for e in ids if e in set(r.routed_ids)] for r, ids in zip(routing, experts, strict=True)]
         spec = make_subset(self.base, routed, engine_id)
         target = self.settings.state_dir / "engines" / engine_id
         if target.exists():
@@ -180,8 +196,8 @@ class EmoService:
                 self.metrics.resident_experts.labels(engine_id).set(total if n is None else n)
 
     async def stop(self) -> None:
-        if hasattr(self, "registry"):
-            self.registry.close()
+        if hasattr(self, "jobs"):
+            self.jobs.close()
         if hasattr(self, "engines"):
             await self.engines.shutdown(self.settings.drain_timeout)
 
@@ -301,7 +317,8 @@ class EmoService:
                 out.quality, out.max_loss_increase, out.budget = (quality, quality.get("max_loss_increase"),
                                                                   quality.get("budget"))
         elif r.job:
-            out.method, out.size, out.fraction = r.job["method"], r.job.get("size") or r.job.get("sizes"), r.job.get("fraction")
+            out.method, out.fraction = r.job["method"], r.job.get("fraction")
+            out.size = r.job.get("size") or r.job.get("sizes")
             out.max_loss_increase, out.budget = r.job.get("max_loss_increase"), r.job.get("budget")
             out.example_fingerprints = r.job["example_fingerprints"]
         return out
@@ -315,39 +332,28 @@ class EmoService:
         if req.experts is not None:
             n = self.base.config.num_hidden_layers
             flat = all(isinstance(x, int) for x in req.experts)
-            routed = [list(req.experts)] * n if flat else req.experts  # type: ignore[list-item]
-            spec = make_subset(self.base, [list(ids) for ids in routed], req.name)  # type: ignore[arg-type]
+            # pydantic parsed one of the two shapes `experts` allows; `flat` says which.
+            routed = cast(list[list[int]], [list(req.experts)] * n if flat else req.experts)
+            spec = make_subset(self.base, [list(ids) for ids in routed], req.name)
             record = self.registry.add(spec)
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
-        examples = load_examples(req.example_items())
         s = self.settings
-        if len(examples) > s.max_examples:
-            raise SubsetError(f"examples: {len(examples)} given, at most {s.max_examples} are allowed")
-        for ex in examples:
-            if len(ex.canonical) > s.max_example_chars:
-                raise SubsetError(f"{ex.where}: {len(ex.canonical)} characters, at most "
-                                  f"{s.max_example_chars} are allowed")
-        selection: SizeSelection | QualitySizing
-        if req.max_loss_increase is not None or req.budget is not None:
-            selection = QualitySizing(max_loss_increase=req.max_loss_increase, budget=req.budget, folds=req.folds)
-            selection.check(self.base.config, req.method)
-        else:
-            selection = SizeSelection(size=req.size, fraction=req.fraction,
-                                      sizes=tuple(req.sizes) if req.sizes is not None else None)
-            selection.check(self.base.config)  # a size the base can't have is a 400 now, not a failure later
-            if req.method == "layerwise":
-                selection.layerwise_size()  # raises now, not in the worker, if it can't be done
+        examples = load_examples(req.example_items(), max_examples=s.max_examples, max_chars=s.max_example_chars)
         device = s.device if s.device != "auto" else ("cuda" if engine_platform() == "cuda" else "cpu")
-        job = ProfileJob(examples=examples, method=req.method, selection=selection, device=device,
-                         max_tokens_per_example=req.max_tokens_per_example, seed=req.seed)
+        request = SelectionRequest(
+            method=req.method, size=req.size, fraction=req.fraction,
+            sizes=tuple(req.sizes) if req.sizes is not None else None, max_loss_increase=req.max_loss_increase,
+            budget=req.budget, folds=req.folds, device=device, dtype="float32" if device == "cpu" else "bfloat16",
+            max_tokens_per_example=req.max_tokens_per_example, seed=req.seed)
+        request.check(self.base.config)  # a request the base can't satisfy is a 400 now, not a failure later
         load = req.load
 
         async def done(record: SubsetRecord) -> None:
             await self._subset_ready(record, load=load)
 
-        self.registry.start_profiling(req.name, job, on_done=done,
-                                      on_seconds=lambda m, sec: self.metrics.profiling.labels(m).observe(sec))
+        self.jobs.start(req.name, examples, request, on_done=done,
+                        on_seconds=lambda m, sec: self.metrics.profiling.labels(m).observe(sec))
         return False, self.subset(req.name)
 
     async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:

@@ -1,7 +1,8 @@
 """`emo-serve` command line: a thin shell over the library (one module per command group).
 
 Heavy imports (torch, vLLM) happen inside the command functions, so `emo-serve --help` is fast.
-Bad input exits with status 2 and one line naming what is wrong and where.
+Bad input (a typed `EmoServeError`, or an OSError on a path the user gave) exits with status 2 and
+one line naming what is wrong and where; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,14 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            continue
-        module.register(sub)
+    for name in COMMAND_MODULES:  # a module that fails to import is a broken install: let it raise
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 
@@ -43,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (EmoServeError, OSError, ValueError) as exc:
+    except (EmoServeError, OSError) as exc:
         print(f"emo-serve {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

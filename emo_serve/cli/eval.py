@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluate import evaluate
     from ..files import atomic_write_text
-    from ..profiler import release_memory_eagerly
+    from ..layers import release_memory_eagerly
     from ..subset import SubsetSpec
 
     release_memory_eagerly()  # a one-shot process: return each dropped layer to the OS at once

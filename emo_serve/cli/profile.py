@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..errors import EmoServeError
+from ..methods import METHODS
 from .common import fraction, positive_int
 
+if TYPE_CHECKING:
+    from ..selection import SelectionRequest
+
 log = logging.getLogger("emo_serve.profile")
-METHODS = ("usage", "frequency", "layerwise", "easy_ep", "random")  # = profiler.METHODS (no torch here)
+
+
+class ProfileUsageError(EmoServeError):
+    """Options of `emo-serve profile` that do not go together."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,8 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_size_arguments(group: argparse._MutuallyExclusiveGroup) -> None:
-    """How big the subset is. Auto-sizing (issue 7: --max-loss-increase / --budget) joins this
-    group as an alternative, and `subset_size(args, ...)` below is where it is resolved."""
+    """How big the subset is: a given count, or one chosen by measured quality (`selection`)."""
     group.add_argument("--size", type=positive_int, metavar="K", help="routed experts kept per layer")
     group.add_argument("--fraction", type=fraction, metavar="F",
                        help="share of each layer's routed experts kept, in (0, 1]")
@@ -63,69 +71,53 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def run_auto_sized(args: argparse.Namespace, name: str) -> int:
-    """--max-loss-increase / --budget: `sizing.auto_subset` profiles, measures and sizes."""
-    from ..profiler import release_memory_eagerly
-    from ..sizing import auto_subset
-
-    release_memory_eagerly()
-    spec = auto_subset(args.base, args.examples, name=name, max_loss_increase=args.max_loss_increase,
-                       budget=args.budget, method=args.method, folds=args.folds, device=args.device,
-                       dtype=args.dtype, max_tokens_per_example=args.max_tokens_per_example, seed=args.seed,
-                       progress=not args.quiet)
-    quality = spec.provenance.details["quality"]
-    log.info("sizes %s: perplexity %+.1f%%, next-token accuracy %+.1f points (%s, %d examples)",
-             quality["sizes"], 100 * quality["relative_change"], quality["accuracy_change"],
-             quality["estimate"], quality["examples"])
-    spec.save(args.output)
-    print(args.output)
-    return 0
-
-
-def subset_size(args: argparse.Namespace) -> dict[str, object]:
-    """Keyword arguments for `profile(layerwise_size=...)` and `Scores.to_subset(...)`."""
-    if args.size is not None:
-        return {"size": args.size}
-    return {"fraction": args.fraction}
-
-
 def default_name(examples: Path, method: str) -> str:
-    from ..subset import validate_name
+    from ..names import validate_name
 
     stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in examples.stem).strip("-.") or "subset"
     return validate_name(f"{stem[:48]}-{method}")
 
 
+def selection_request(args: argparse.Namespace) -> SelectionRequest:
+    from ..selection import SelectionRequest
+
+    return SelectionRequest(method=args.method, size=args.size, fraction=args.fraction,
+                            max_loss_increase=args.max_loss_increase, budget=args.budget, folds=args.folds,
+                            device=args.device, dtype=args.dtype,
+                            max_tokens_per_example=args.max_tokens_per_example, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import Checkpoint
     from ..examples import load_examples
-    from ..profiler import profile, release_memory_eagerly, resolve_sizes
-    from ..subset import routed_ids, validate_name
+    from ..layers import release_memory_eagerly
+    from ..names import validate_name
+    from ..selection import build_subset
 
     name = validate_name(args.name) if args.name else default_name(args.examples, args.method)
-    if args.max_loss_increase is not None or args.budget is not None:
-        if args.scores or args.plot:
-            raise ValueError("--scores/--plot are not available with --max-loss-increase/--budget")
-        return run_auto_sized(args, name)
+    request = selection_request(args)
+    if request.by_quality and (args.scores or args.plot):
+        raise ProfileUsageError("--scores/--plot are not available with --max-loss-increase/--budget")
     examples = load_examples(args.examples)
     ckpt = Checkpoint(args.base)
-    cfg = ckpt.config
-    size = subset_size(args)
-    # Check the size before the (possibly long) forward pass, not after it.
-    resolve_sizes([len(routed_ids(cfg, i)) if n else 0 for i, n in enumerate(cfg.experts_per_layer)], **size)
+    request.check(ckpt.config)  # before the (possibly long) forward pass, not after it
     release_memory_eagerly()  # a one-shot process: return each dropped layer to the OS at once
-    scores = profile(ckpt, examples, method=args.method, device=args.device, dtype=args.dtype,
-                     max_tokens_per_example=args.max_tokens_per_example, seed=args.seed,
-                     layerwise_size=next(iter(size.values())), progress=not args.quiet)
-    for warning in scores.warnings:
-        log.warning("%s", warning)
-    spec = scores.to_subset(**size, name=name, checkpoint=ckpt)
-    if args.scores:
-        scores.save(args.scores)
-    if args.plot:
-        from ..plot import plot_profile
+    selected = build_subset(ckpt, examples, request, name=name, progress=not args.quiet)
+    spec, scores = selected.spec, selected.scores
+    if scores is not None:
+        for warning in scores.warnings:
+            log.warning("%s", warning)
+        if args.scores:
+            scores.save(args.scores)
+        if args.plot:
+            from ..plot import plot_profile
 
-        plot_profile(args.plot, scores=scores, spec=spec)
+            plot_profile(args.plot, scores=scores, spec=spec)
+    else:
+        quality = spec.provenance.details["quality"]
+        log.info("sizes %s: perplexity %+.1f%%, next-token accuracy %+.1f points (%s, %d examples)",
+                 quality["sizes"], 100 * quality["relative_change"], quality["accuracy_change"],
+                 quality["estimate"], quality["examples"])
     spec.save(args.output)
     print(args.output)
     return 0

@@ -1,18 +1,22 @@
 """`emo-serve serve`: the HTTP server (OpenAI-compatible API + subsets API) on uvicorn.
 
 Every flag is also an `EMO_*` environment variable (flag > env > default), parsed by one
-`Settings` object; the flags here only collect what was given on the command line.
+`Settings` object. The flags are generated from `Settings`' fields (name, description, default),
+so the help, the flags and the environment variables cannot drift apart; the flags only collect
+what was given on the command line and `Settings` validates it.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import typing
 from typing import Any
 
-from .common import positive_int
+from ..errors import SettingsError
 
 S = argparse.SUPPRESS  # a flag not given leaves the env/default value in place
+# Repeatable list settings take one value per flag, under a singular name.
+REPEATED_FLAGS = {"preload_subsets": ("--preload-subset", "FILE"), "engine_args": ("--engine-arg", "ARG")}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,63 +31,48 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="base checkpoint: directory, fsspec URL or HF id (EMO_MODEL)")
-    p.add_argument("--served-model-name", help="model id of the base in the API (EMO_SERVED_MODEL_NAME)")
-    p.add_argument("--host", help="bind address (EMO_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="bind port (EMO_PORT, default 8000)")
-    p.add_argument("--state-dir", type=Path, help="subsets, demo model, engine logs (EMO_STATE_DIR, "
-                   "default $XDG_DATA_HOME/emo-serve)")
-    p.add_argument("--api-key", help="bearer key for /v1/* (EMO_API_KEY)")
-    p.add_argument("--admin-key", help="bearer key for subset changes; defaults to the API key (EMO_ADMIN_KEY)")
-    p.add_argument("--allow-insecure-admin", action="store_true",
-                   help="allow a non-loopback bind with no admin key (EMO_ALLOW_INSECURE_ADMIN)")
-    p.add_argument("--engine-mode", choices=["auto", "shared", "dedicated"],
-                   help=f"{_field_help('engine_mode')} (EMO_ENGINE_MODE, default auto)")
-    p.add_argument("--subset-slots", type=positive_int, help="mask rows of a shared engine, row 0 being the "
-                   "unmasked base (EMO_SUBSET_SLOTS, default 64)")
-    p.add_argument("--max-engines", type=positive_int, help="resident vLLM engines, LRU-evicted (EMO_MAX_ENGINES, default 2)")
-    p.add_argument("--kv-cache-gb", type=float, help="KV cache per engine in GiB (EMO_KV_CACHE_GB, default 1)")
-    p.add_argument("--serve-base", action=argparse.BooleanOptionalAction,
-                   help="also serve the full base model (EMO_SERVE_BASE, default true)")
-    p.add_argument("--preload-subset", action="append", dest="preload_subsets", type=Path, metavar="FILE",
-                   help="subset manifest registered and loaded at start; repeatable "
-                   "(EMO_PRELOAD_SUBSETS, comma-separated)")
-    p.add_argument("--tensor-parallel-size", type=positive_int, help="passed to each engine (EMO_TENSOR_PARALLEL_SIZE)")
-    p.add_argument("--max-model-len", type=positive_int, help="context length passed to vLLM (EMO_MAX_MODEL_LEN)")
-    p.add_argument("--dtype", help="engine dtype: auto, float32, bfloat16, float16 (EMO_DTYPE)")
-    p.add_argument("--device", help="profiling device: auto, cpu, cuda (EMO_DEVICE)")
-    p.add_argument("--engine-start-timeout", type=float, help="seconds an engine may take to become healthy "
-                   "(EMO_ENGINE_START_TIMEOUT, default 600)")
-    p.add_argument("--log-level", help="critical, error, warning, info, debug (EMO_LOG_LEVEL)")
-    extra = p.add_argument_group("limits and tuning")
-    extra.add_argument("--engine-arg", action="append", dest="engine_args", metavar="ARG",
-                       help="extra vLLM server argument, repeatable (EMO_ENGINE_ARGS, shell-quoted string)")
-    extra.add_argument("--load-wait-timeout", type=float, help="seconds a request waits for its model "
-                       "to load; 0 = the engine start timeout (EMO_LOAD_WAIT_TIMEOUT)")
-    extra.add_argument("--drain-timeout", type=float, help="seconds shutdown waits for requests in "
-                       "flight (EMO_DRAIN_TIMEOUT, default 30)")
-    extra.add_argument("--max-body-bytes", type=positive_int, help="request body limit (EMO_MAX_BODY_BYTES)")
-    extra.add_argument("--max-header-bytes", type=positive_int, help="request header limit (EMO_MAX_HEADER_BYTES)")
-    extra.add_argument("--max-n", type=positive_int, help="largest `n` per request (EMO_MAX_N, default 16)")
-    extra.add_argument("--max-examples", type=positive_int, help="profiling examples per subset (EMO_MAX_EXAMPLES)")
-    extra.add_argument("--max-example-chars", type=positive_int, help="characters per example (EMO_MAX_EXAMPLE_CHARS)")
-    for name in ("probe_interval", "probe_timeout", "upstream_read_timeout", "upstream_idle_timeout",
-                 "client_send_timeout"):
-        extra.add_argument(f"--{name.replace('_', '-')}", type=float,
-                           help=f"{_field_help(name)} (EMO_{name.upper()})")
-    extra.add_argument("--probe-misses", type=positive_int, help=f"{_field_help('probe_misses')} (EMO_PROBE_MISSES)")
-    extra.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()],
-                       help=f"{_field_help('allowed_hosts')} (EMO_ALLOWED_HOSTS)")
-
-
-def _field_help(name: str) -> str:
+    """One flag per `Settings` field (importing pydantic-settings only: no torch, no server)."""
     from ..settings import Settings
 
-    return Settings.model_fields[name].description or name
+    groups: dict[str, Any] = {}
+    prefix = Settings.model_config.get("env_prefix", "")
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        group_name = extra.get("group")
+        target = p if group_name is None else groups.setdefault(str(group_name), p.add_argument_group(str(group_name)))
+        flag, metavar = REPEATED_FLAGS.get(name, ("--" + name.replace("_", "-"), None))
+        help_text = f"{field.description} ({prefix}{name.upper()}{_default(field)})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name, "default": S, "help": help_text}
+        choices = _choices(field.annotation)
+        if field.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif name in REPEATED_FLAGS:
+            kwargs.update(action="append", metavar=metavar)
+        elif choices:
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        target.add_argument(flag, **kwargs)
+
+
+def _default(field: Any) -> str:
+    """`, default X` for a plain default; factories and None say theirs in the description."""
+    from pydantic_core import PydanticUndefined
+
+    if field.default_factory is not None or field.default in (None, PydanticUndefined):
+        return ""
+    value = str(field.default).lower() if isinstance(field.default, bool) else field.default
+    return f", default {value}"
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    """The values of a `Literal[...]` annotation (validated, case-insensitively, by `Settings`)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(str(a) for a in typing.get_args(annotation))
+    return ()
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    """`Settings` from the environment, overridden by the flags that were given."""
+    """`Settings` from the environment, overridden by the flags that were given (raises
+    pydantic's ValidationError as `Settings` does)."""
     from ..settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
@@ -96,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        raise ValueError("; ".join(_describe(e) for e in exc.errors())) from None
+        raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
     return serve(settings)
 
 
@@ -106,7 +95,8 @@ def _describe(error: Any) -> str:
     if not error["loc"]:
         return msg
     field = str(error["loc"][0])
-    return f"--{field.replace('_', '-')} / EMO_{field.upper()}: {msg}"
+    flag = REPEATED_FLAGS.get(field, ("--" + field.replace("_", "-"), None))[0]
+    return f"{flag} / EMO_{field.upper()}: {msg}"
 
 
 def serve(settings: Any) -> int:

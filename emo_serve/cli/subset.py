@@ -11,6 +11,7 @@ from ..errors import SubsetError
 from .common import positive_int
 
 if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
     from ..subset import SubsetSpec
 
 
@@ -69,16 +70,17 @@ def read_experts_file(path: Path) -> list[list[int]]:
         data = json.loads(path.read_text())
     except OSError as exc:
         raise SubsetError(f"{path}: cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SubsetError(f"{path}: not valid JSON ({exc})") from None
-    if not (isinstance(data, list) and all(isinstance(l, list) and all(type(i) is int for i in l) for l in data)):
+    if not (isinstance(data, list) and all(isinstance(ids, list) and all(type(i) is int for i in ids) for ids in data)):
         raise SubsetError(f"{path}: expected a JSON list of per-layer lists of integer expert ids")
     return data
 
 
 def create(args: argparse.Namespace) -> int:
     from ..checkpoint import Checkpoint
-    from ..subset import make_subset, random_subset, validate_name
+    from ..names import validate_name
+    from ..subset import make_subset, random_subset
 
     validate_name(args.name)
     ckpt = Checkpoint(args.base)
@@ -93,7 +95,7 @@ def create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(args: argparse.Namespace):  # -> tuple[Checkpoint, SubsetSpec]
+def _open(args: argparse.Namespace) -> tuple[Checkpoint, SubsetSpec]:
     from ..checkpoint import Checkpoint
     from ..subset import SubsetSpec
 
@@ -132,6 +134,7 @@ def plot(args: argparse.Namespace) -> int:
     from ..profiler import Scores
     from ..subset import SubsetSpec
 
+    scores: Scores | None
     if _is_scores_file(args.input):
         if args.scores:
             raise SubsetError(f"{args.input} is a scores file; --scores goes with a subset manifest")
@@ -157,30 +160,9 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def union_specs(specs: list[SubsetSpec], name: str) -> SubsetSpec:
-    """Per layer, the union of the experts kept by subsets of one base (a multi-domain subset)."""
-    from ..subset import Provenance, SubsetSpec
-
-    if not specs:
-        raise SubsetError("union needs at least one subset")
-    first = specs[0]
-    for spec in specs[1:]:
-        if spec.base.fingerprint != first.base.fingerprint:
-            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} have different bases "
-                              f"({first.base.fingerprint} vs {spec.base.fingerprint})")
-        if len(spec.experts) != len(first.experts):
-            raise SubsetError(f"subsets {first.name!r} and {spec.name!r} list different numbers of layers")
-    experts = [sorted(set().union(*layer)) for layer in zip(*(s.experts for s in specs))]
-    fingerprints = list(dict.fromkeys(f for s in specs for f in s.provenance.example_fingerprints))
-    provenance = Provenance(method="union", example_fingerprints=fingerprints,
-                            details={"parts": [s.name for s in specs]})
-    return SubsetSpec(name=name, base=first.base, experts=experts, provenance=provenance)
-
-
 def union(args: argparse.Namespace) -> int:
-    from ..subset import SubsetSpec, validate_name
+    from ..subset import SubsetSpec, union_specs
 
-    validate_name(args.name)
     spec = union_specs([SubsetSpec.load(p) for p in args.manifests], args.name)
     spec.save(args.output)
     print(args.output)

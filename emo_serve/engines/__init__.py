@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from .manager import (CapacityExhausted, Engine, EngineError, EngineManager, EngineState, Lease,
-                      ModelInUse, ModelUnavailable, UnknownModel)
+from .manager import (
+                      CapacityExhausted,
+                      Engine,
+                      EngineError,
+                      EngineManager,
+                      EngineState,
+                      Lease,
+                      ModelInUse,
+                      ModelUnavailable,
+                      UnknownModel,
+)
 from .placement import DedicatedPlacement, Placement, SharedPlacement
 from .process import EngineOptions, EngineProcess, EngineStartError, engine_platform
 

@@ -13,11 +13,11 @@ import logging
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from .process import STOP_GRACE_SECONDS, EngineOptions, EngineProcess, EngineStartError
 
@@ -101,7 +101,7 @@ class Engine:
     starts: int = 0
     crashes: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)
-    leases: set["Lease"] = field(default_factory=set, repr=False)
+    leases: set[Lease] = field(default_factory=set, repr=False)
 
     @property
     def retry_at(self) -> float:
@@ -134,7 +134,7 @@ class Lease:
     connection closes).
     """
 
-    def __init__(self, manager: "EngineManager", engine: Engine, model: str | None = None) -> None:
+    def __init__(self, manager: EngineManager, engine: Engine, model: str | None = None) -> None:
         self._manager, self.engine, self._released = manager, engine, False
         assert engine.proc is not None
         self.proc = engine.proc
@@ -188,7 +188,7 @@ class EngineManager:
         """Run `hook` after an engine answers its health check and before it is marked ready."""
         self._on_started = hook
 
-    def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A fire-and-forget task that is kept referenced until it ends."""
         task = asyncio.create_task(coro)
         self._background.add(task)

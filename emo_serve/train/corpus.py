@@ -18,7 +18,7 @@ import random
 import re
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,7 @@ def code_documents(max_chars: int) -> list[Document]:
                     for p in _spread(paths, "code")), max_chars)
 
 
-_ROFF_ESCAPES = [
+_ROFF_ESCAPES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes
     (re.compile(r"\\[(*]\(?(aq|cq|oq)"), "'"),
     (re.compile(r"\\[(*]\(?(dq|lq|rq|Lq|Rq)"), '"'),

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import EmoConfig
-from ..demo import demo_config, shard_plan, write_sharded, write_tokenizer
+from ..demo import demo_config, write_tokenizer
 from ..files import atomic_write_text, staged_dir
 from ..safetensors_format import TensorSpec
+from ..shards import shard_plan, write_sharded
 from .corpus import DOMAINS, Document, build_corpus, example_files
 from .model import EmoLM
 

@@ -11,6 +11,8 @@ so the export is read by the same reader, reference forward and vLLM plugin as a
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,8 +135,9 @@ class EmoLM(nn.Module):
 
     def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """Tensors under the released checkpoint's names, experts split one per tensor."""
-        out = {"model.embed_tokens.weight": self.embed_tokens}
-        for i, layer in enumerate(self.layers):
+        out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens}
+        for i, module in enumerate(self.layers):
+            layer = cast(DecoderLayer, module)  # a ModuleList is typed as holding plain Modules
             p = f"model.layers.{i}"
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 out[f"{p}.self_attn.{name}.weight"] = getattr(layer, name)

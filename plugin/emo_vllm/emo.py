@@ -26,9 +26,6 @@ from itertools import islice
 
 import torch
 from torch import nn
-
-from emo_serve.config import EmoConfig as RoutingConfig
-from emo_serve.config import LayerRouting
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
@@ -63,6 +60,9 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from vllm.sequence import IntermediateTensors
+
+from emo_serve.config import EmoConfig as RoutingConfig
+from emo_serve.config import LayerRouting
 
 from . import manifest
 from .config import EmoConfig

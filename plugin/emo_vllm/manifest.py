@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from vllm.logger import init_logger
 
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.errors import SubsetError
 from emo_serve.stream import iter_subset_tensors
 from emo_serve.subset import MANIFEST_FILE, SubsetSpec
-from vllm.logger import init_logger
 
 # Under "vllm." so the line shows in vLLM's own log stream and format.
 logger = init_logger("vllm.emo_vllm.manifest")

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-
 from vllm.logger import init_logger
 
 logger = init_logger("vllm.emo_vllm.masks")
@@ -49,14 +48,13 @@ RUNNER_INTERNALS = ("_prepare_inputs", "req_indices", "input_batch", "requests",
 class EmoExpertMasks(nn.Module):
     """The shared per-token row index; each MoE block keeps its own mask table beside it."""
 
+    token_rows: torch.Tensor  # a registered buffer: moves with the model, never replaced
+
     def __init__(self, slots: int, max_tokens: int) -> None:
         super().__init__()
         self.slots = slots
         self.register_buffer("token_rows", torch.zeros(max_tokens, dtype=torch.long), persistent=False)
         self.installed: dict[int, str] = {}  # row -> subset key, for the control calls
-
-    def rows_for(self, num_tokens: int) -> torch.Tensor:
-        return self.token_rows[:num_tokens]
 
 
 def masks_of(model: nn.Module) -> tuple[EmoExpertMasks, dict[int, torch.Tensor]]:
@@ -65,8 +63,11 @@ def masks_of(model: nn.Module) -> tuple[EmoExpertMasks, dict[int, torch.Tensor]]
     if not found:
         raise RuntimeError(f"the model has no expert masks: start it with --additional-config "
                            f"'{{\"{SLOTS_CONFIG}\": N}}'")
-    tables = {int(getattr(m, "layer_index")): getattr(m, "subset_masks") for m in model.modules()
-              if getattr(m, "subset_masks", None) is not None}
+    tables: dict[int, torch.Tensor] = {}
+    for module in model.modules():  # the MoE blocks (emo.EmoSparseMoeBlock) of shared engines
+        table, layer = getattr(module, "subset_masks", None), getattr(module, "layer_index", None)
+        if isinstance(table, torch.Tensor) and isinstance(layer, int):
+            tables[layer] = table
     return found[0], tables
 
 

@@ -270,6 +270,23 @@ def test_subset_from_examples_is_profiled(frontend: Server, admin: httpx.Client)
     assert 'emo_subset_profiling_seconds_count{method="usage"} 1.0' in metrics
 
 
+def test_example_limits_come_from_the_settings(server_factory, tiny_ckpt: Path) -> None:
+    """A server run with `--max-examples 70` profiles more than the library's default of 64
+    examples, and refuses one more than 70 (the shared `frontend` keeps the default)."""
+    limited = server_factory(tiny_ckpt, "--no-serve-base", "--max-examples", "70")
+    admin = limited.client(ADMIN_KEY)
+    many = [f"x = {i}\n" for i in range(71)]
+    r = admin.post("/v1/subsets", json={"name": "seventy", "examples": many[:70], "size": 2, "method": "random"})
+    assert r.status_code == 202, r.text
+    limited.wait_until(lambda: admin.get("/v1/subsets/seventy").json()["state"] != "profiling", 300, "profiling")
+    s = admin.get("/v1/subsets/seventy").json()
+    assert s["state"] == "ready", s
+    assert len(s["example_fingerprints"]) == 70
+    r = admin.post("/v1/subsets", json={"name": "seventy-one", "examples": many, "size": 2, "method": "random"})
+    assert_error(r, 400, contains="71 examples, at most 70 are allowed")
+    admin.close()
+
+
 def test_subset_sized_by_a_loss_tolerance(frontend: Server, admin: httpx.Client) -> None:
     """`max_loss_increase` instead of a size: the smallest size whose held-out perplexity
     increase is within the tolerance, with the estimate shown and stored in the manifest."""

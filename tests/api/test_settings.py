@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from emo_serve.cli.serve import add_arguments, settings_from_args
-from emo_serve.settings import Settings, default_state_dir, derive_model_id, resolve_default_model
+from emo_serve.default_model import resolve_default_model
+from emo_serve.settings import Settings, default_state_dir, derive_model_id
 
 from api_harness import CLI
 
@@ -100,9 +101,9 @@ def test_state_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def test_shipped_default_model_wins(tmp_path: Path) -> None:
-    from emo_serve import settings
+    from emo_serve import default_model
 
-    shipped = settings.shipped_default_model()
+    shipped = default_model.shipped_default_model()
     if shipped is None:
         pytest.skip("this build ships no trained demo model")
     assert resolve_default_model(tmp_path) == shipped and (shipped / "config.json").is_file()
@@ -110,9 +111,9 @@ def test_shipped_default_model_wins(tmp_path: Path) -> None:
 
 
 def test_default_model_is_generated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from emo_serve import settings
+    from emo_serve import default_model
 
-    monkeypatch.setattr(settings, "shipped_default_model", lambda: None)  # as in a build without it
+    monkeypatch.setattr(default_model, "shipped_default_model", lambda: None)  # as in a build without it
     first = resolve_default_model(tmp_path)
     assert first == tmp_path / "models" / "emo-demo" and (first / "config.json").is_file()
     stamp = (first / "config.json").stat().st_mtime_ns

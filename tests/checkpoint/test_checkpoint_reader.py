@@ -17,10 +17,9 @@ from emo_serve.checkpoint import (
     INDEX_FILE,
     Checkpoint,
     coalesce,
-    expert_tensor_names,
-    layer_tensor_names,
     resolve_location,
 )
+from emo_serve.schema import expert_tensor_names, layer_tensor_names
 from emo_serve.demo import write_demo_checkpoint
 
 

@@ -40,7 +40,7 @@ def api_client() -> Any:
 @pytest.fixture(scope="session")
 def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state dir in which the embedded demo model has been resolved (generated) once."""
-    from emo_serve.settings import resolve_default_model
+    from emo_serve.default_model import resolve_default_model
 
     state = tmp_path_factory.mktemp("state")
     resolve_default_model(state)

@@ -75,6 +75,24 @@ def test_bad_examples(source, message):
     assert message in str(err.value)
 
 
+def test_limits_are_the_callers(tmp_path) -> None:
+    """The server passes EMO_MAX_EXAMPLES / EMO_MAX_EXAMPLE_CHARS: raising them raises the caps."""
+    many, long = ["x"] * (MAX_EXAMPLES + 1), "x" * (MAX_EXAMPLE_CHARS + 1)
+    assert len(load_examples(many, max_examples=MAX_EXAMPLES + 1)) == MAX_EXAMPLES + 1
+    assert load_examples([long], max_chars=MAX_EXAMPLE_CHARS + 1)[0].text == long
+    with pytest.raises(ExamplesError, match="at most 2 are allowed"):
+        load_examples(["a", "b", "c"], max_examples=2)
+    with pytest.raises(ExamplesError, match="5 characters, at most 4 are allowed"):
+        load_examples(["12345"], max_chars=4)
+    chat = [{"messages": [{"role": "user", "content": "123"}, {"role": "assistant", "content": "45"}]}]
+    with pytest.raises(ExamplesError, match="more than 4 characters in all"):
+        load_examples(chat, max_chars=4)
+    path = tmp_path / "three.txt"
+    path.write_text("a\n\nb\n\nc\n")
+    with pytest.raises(ExamplesError, match="3 examples, at most 2 are allowed"):
+        load_examples(path, max_examples=2)
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("empty.txt", "\n\n  \n", "no examples"),
     ("bad.jsonl", '{"text": "ok"}\n{"text": \n', "bad.jsonl:2: not valid JSON"),

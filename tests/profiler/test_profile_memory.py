@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from emo_serve.checkpoint import Checkpoint, layer_tensor_names
+from emo_serve.checkpoint import Checkpoint
+from emo_serve.schema import layer_tensor_names
 
 FIXED_OVERHEAD = 64 * 2**20  # interpreter/allocator slack, code paths first taken on the big model
 

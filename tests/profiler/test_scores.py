@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from emo_serve import reference
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.examples import load_examples, tokenize_examples
+from emo_serve.layers import load_layer
 from emo_serve.profiler import profile
-from emo_serve.subset import shared_ids
 
 EXAMPLES = [
     "def parse(line):\n    key, _, value = line.partition('=')\n    return key.strip(), value.strip()\n",
@@ -75,7 +75,7 @@ def test_layerwise_equals_reference_with_earlier_layers_restricted(ckpt, sequenc
     cfg = ckpt.config
     assert scores.kept is not None and scores.sizes == [k] * cfg.num_hidden_layers
     for layer in range(cfg.num_hidden_layers):
-        earlier = [scores.kept[i] + shared_ids(cfg, i) if i < layer else list(range(16))
+        earlier = [scores.kept[i] + cfg.layer_routing(i).shared_ids if i < layer else list(range(16))
                    for i in range(cfg.num_hidden_layers)]
         seen = brute_routing(ckpt, sequences, keep=reference.keep_masks(cfg, earlier))
         expected = torch.cat([r.probs for _, r in seen[layer]]).double().mean(0)
@@ -94,7 +94,7 @@ def test_easy_ep_equals_formula(ckpt, sequences):
     seen = brute_routing(ckpt, sequences)
     cfg = ckpt.config
     for layer in range(cfg.num_hidden_layers):
-        w = reference.load_layer(ckpt, layer)
+        w = load_layer(ckpt, layer)
         total = torch.zeros(16, dtype=torch.float64)
         tokens = 0
         for h, r in seen[layer]:

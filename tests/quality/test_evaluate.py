@@ -14,7 +14,7 @@ from emo_serve.checkpoint import Checkpoint
 from emo_serve.errors import SubsetError
 from emo_serve.evaluate import EvalError, evaluate
 from emo_serve.examples import load_examples, tokenize_examples
-from emo_serve.subset import make_subset, random_subset, routed_ids
+from emo_serve.subset import make_subset, random_subset
 
 EXAMPLES = ["def add(a, b):\n    return a + b\n", "The licence grants the right to copy and modify. " * 2,
             "12 + 7 = 19. 3 * 4 = 12. 100 - 1 = 99."]
@@ -26,7 +26,7 @@ def ckpt(tiny_ckpt: Path) -> Checkpoint:
 
 
 def test_all_experts_subset_equals_base_exactly(ckpt: Checkpoint) -> None:
-    everything = make_subset(ckpt, [routed_ids(ckpt.config, i) for i in range(4)], "everything")
+    everything = make_subset(ckpt, [ckpt.config.layer_routing(i).routed_ids for i in range(4)], "everything")
     report = evaluate(ckpt, [everything], EXAMPLES, progress=False)
     sub, base = report.subsets[0], report.base
     assert sub.nll == base.nll and sub.accuracy == base.accuracy

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.demo import write_demo_checkpoint
-from emo_serve.reference import Routing, forward, keep_masks, load_layer, rms_norm, swiglu
+from emo_serve.layers import load_layer
+from emo_serve.reference import Routing, forward, keep_masks, rms_norm, swiglu
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,9 @@ from emo_serve.subset import (
     SubsetSpec,
     make_subset,
     random_subset,
-    routed_ids,
-    shared_ids,
-    subset_sizes,
-    validate_name,
 )
+from emo_serve.names import validate_name
+from emo_serve.stream import subset_sizes
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +53,7 @@ def test_make_subset_adds_shared_experts_and_sorts(ckpt: Checkpoint) -> None:
     spec = make_subset(ckpt, [[9, 3], [0], [14, 1, 2], [7]], "s")
     assert spec.experts == [[3, 9, 15], [0, 15], [1, 2, 14, 15], [7, 15]]
     assert spec.base.fingerprint == ckpt.fingerprint and spec.base.location == ckpt.location
-    assert shared_ids(ckpt.config, 0) == [15] and routed_ids(ckpt.config, 0) == list(range(15))
+    assert ckpt.config.layer_routing(0).shared_ids == [15] and ckpt.config.layer_routing(0).routed_ids == list(range(15))
     # Listing the shared expert yourself is fine.
     assert make_subset(ckpt, [[3, 15]] * 4, "s").experts == [[3, 15]] * 4
 

@@ -15,7 +15,7 @@ import torch
 
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.stream import iter_subset_tensors, plan_subset
-from emo_serve.subset import make_subset, random_subset, routed_ids
+from emo_serve.subset import make_subset, random_subset
 
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
@@ -91,9 +91,9 @@ def test_shards_without_subset_tensors_get_no_request(sharded_ckpt: Path, range_
     avoid = shards_of_one_layer(base)
     assert len(avoid) >= 2, "fixture layout: want shards holding only one layer's experts"
     rng = random.Random(0)
-    routed = [rng.sample(routed_ids(base.config, layer), 3) for layer in range(4)]
+    routed = [rng.sample(base.config.layer_routing(layer).routed_ids, 3) for layer in range(4)]
     for layer, experts in avoid.values():
-        pool = [e for e in routed_ids(base.config, layer) if e not in experts]
+        pool = [e for e in base.config.layer_routing(layer).routed_ids if e not in experts]
         routed[layer] = rng.sample(pool, min(3, len(pool)))
     spec = make_subset(base, routed, "avoid")
     range_server.reset()

@@ -1,0 +1,77 @@
+"""Profiling jobs of the server: a subset made from examples is profiled in the background.
+
+Profiling is CPU/GPU-bound and the machine is shared with the engines, so jobs run on one worker
+thread, one at a time; the result is written to the store on a thread too (it touches files) and
+committed on the event loop, where a subset deleted meanwhile is noticed and its files removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import EmoServeError
+from ..examples import Example
+from ..selection import SelectionRequest, build_subset
+from ..store import SubsetRecord, SubsetState, SubsetStore
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[SubsetRecord], Awaitable[None]]
+OnSeconds = Callable[[str, float], None]  # (method, seconds) of a job that succeeded
+
+
+class ProfilingJobs:
+    """Runs `selection.build_subset` for the store's base, one job at a time."""
+
+    def __init__(self, store: SubsetStore) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emo-profile")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, name: str, examples: Sequence[Example], request: SelectionRequest,
+              on_done: OnDone | None = None, on_seconds: OnSeconds | None = None) -> SubsetRecord:
+        """Register `name` as profiling and profile the examples on the worker thread."""
+        record = self.store.begin(name, {"method": request.method, **request.describe(),
+                                         "examples": len(examples),
+                                         "example_fingerprints": [e.fingerprint for e in examples]})
+        task = asyncio.create_task(self._run(record, list(examples), request, on_done, on_seconds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return record
+
+    async def _run(self, record: SubsetRecord, examples: list[Example], request: SelectionRequest,
+                   on_done: OnDone | None, on_seconds: OnSeconds | None) -> None:
+        loop = asyncio.get_running_loop()
+        store = self.store
+        t0 = time.monotonic()
+        try:
+            selected = await loop.run_in_executor(
+                self._pool, lambda: build_subset(store.base, examples, request, name=record.name))
+            if not store.is_current(record):
+                return  # deleted while profiling
+            built = await loop.run_in_executor(None, lambda: store.build(selected.spec, save=True))
+            if not store.is_current(record):  # deleted while writing
+                store.delete_files(record.name)
+                return
+            store.complete(record, built)
+        except (EmoServeError, ValueError) as exc:
+            store.fail(record, str(exc))
+        except Exception as exc:  # a bug or an I/O failure: keep serving, report it on the subset
+            log.exception("profiling failed", extra={"subset": record.name})
+            store.fail(record, f"internal error while profiling: {exc!r}")
+        record.profile_seconds = round(time.monotonic() - t0, 3)
+        log.info("profiling finished", extra={"subset": record.name, "state": record.state.value,
+                                              "seconds": record.profile_seconds, "error": record.error})
+        if record.state is SubsetState.READY and on_seconds:
+            on_seconds(request.method, record.profile_seconds)
+        if on_done and store.is_current(record):
+            await on_done(record)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,193 @@
+"""The subset store of a running server: manifests in `<state-dir>/subsets/<name>.json` (written
+atomically), a materialized manifest directory per subset for its engine, and the in-memory state
+of each subset (`profiling`, `ready` or `failed`; `loading`/`loaded` come from the engines).
+
+A restarted server reads the manifests back, so its subsets survive with no profiling redone.
+The store only touches files and records: making a subset from examples is `selection`'s job,
+and running that in the background is the API's (`api/jobs.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .errors import EmoServeError, SubsetError
+from .export import materialize_subset
+from .names import is_valid_name, validate_name
+from .stream import subset_sizes
+from .subset import MANIFEST_FILE, SubsetSpec
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIX = ".json"
+
+
+class SubsetState(str, Enum):
+    """Where a subset stands: the store sets the first three and `failed`; the engines' state
+    turns `ready` into `loading`/`loaded` when the API reports it."""
+
+    PROFILING = "profiling"
+    READY = "ready"
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+
+
+class SubsetNotFound(EmoServeError):
+    """No subset of that name (the API answers 404)."""
+
+
+class NameTaken(EmoServeError):
+    """The name belongs to the base or to another subset (the API answers 409)."""
+
+
+@dataclass
+class SubsetRecord:
+    name: str
+    state: SubsetState
+    spec: SubsetSpec | None = None
+    sizes: dict[str, int] | None = None
+    error: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    job: dict[str, Any] | None = None  # what profiling was asked for (while profiling / if failed)
+    model_dir: Path | None = None
+    profile_seconds: float | None = None
+
+
+class SubsetStore:
+    """Subsets of one base checkpoint, persisted under the server's state dir."""
+
+    def __init__(self, base: Checkpoint, base_id: str, state_dir: Path) -> None:
+        self.base, self.base_id = base, base_id
+        self.subsets_dir = state_dir / "subsets"
+        self.materialized_dir = state_dir / "materialized"
+        self.subsets_dir.mkdir(parents=True, exist_ok=True)
+        self.materialized_dir.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, SubsetRecord] = {}
+
+    # -- paths (names cannot escape the state dir) ---------------------------------------------
+    def _child(self, parent: Path, name: str, suffix: str = "") -> Path:
+        validate_name(name)
+        path = parent / f"{name}{suffix}"
+        if path.is_symlink() or path.resolve().parent != parent.resolve():
+            raise SubsetError(f"subset {name!r}: {path} is a symlink or leaves the state directory")
+        return path
+
+    def manifest_path(self, name: str) -> Path:
+        return self._child(self.subsets_dir, name, MANIFEST_SUFFIX)
+
+    def model_dir(self, name: str) -> Path:
+        return self._child(self.materialized_dir, name)
+
+    # -- reading -------------------------------------------------------------------------------
+    def get(self, name: str) -> SubsetRecord:
+        record = self.records.get(name)
+        if record is None:
+            raise SubsetNotFound(f"The subset `{name}` does not exist.")
+        return record
+
+    def load_existing(self) -> list[SubsetRecord]:
+        """Register every manifest in the state dir; one that no longer fits the base is listed
+        as failed (with why) rather than dropped, so nothing disappears silently."""
+        for path in sorted(self.subsets_dir.glob(f"*{MANIFEST_SUFFIX}")):
+            name = path.name[: -len(MANIFEST_SUFFIX)]
+            if not is_valid_name(name):
+                log.warning("ignoring a file with an invalid subset name", extra={"path": str(path)})
+                continue
+            try:
+                self.manifest_path(name)
+                spec = SubsetSpec.load(path)
+                if spec.name != name:
+                    raise SubsetError(f"{path}: holds subset {spec.name!r}, not {name!r}")
+                self.records[name] = self.build(spec, save=False)
+            except EmoServeError as exc:
+                log.warning("stored subset not usable", extra={"subset": name, "error": str(exc)})
+                self.records[name] = SubsetRecord(name, SubsetState.FAILED, error=str(exc))
+        return list(self.records.values())
+
+    # -- creating ------------------------------------------------------------------------------
+    def reserve(self, name: str) -> None:
+        """Raise unless `name` is a valid, free subset name."""
+        validate_name(name)
+        if name == self.base_id or name in self.records:
+            raise NameTaken(f"the name `{name}` is already taken by "
+                            f"{'the base model' if name == self.base_id else 'a subset'}")
+        self.manifest_path(name)
+
+    def add(self, spec: SubsetSpec) -> SubsetRecord:
+        """Register a finished spec (explicit ids, a preloaded manifest): checked, saved, ready."""
+        self.reserve(spec.name)
+        record = self.records[spec.name] = self.build(spec, save=True)
+        return record
+
+    def adopt(self, spec: SubsetSpec) -> SubsetRecord:
+        """Like `add`, but a stored subset with the same name and experts is reused (preloading
+        the same manifest at every start)."""
+        existing = self.records.get(spec.name)
+        if existing is not None and existing.spec is not None and existing.spec.experts == spec.experts:
+            return existing
+        if existing is not None and existing.state is SubsetState.FAILED:
+            self.remove(spec.name)
+        return self.add(spec)
+
+    def begin(self, name: str, job: dict[str, Any]) -> SubsetRecord:
+        """Register `name` as profiling (`job`: what was asked for); `complete` or `fail` ends it."""
+        self.reserve(name)
+        record = self.records[name] = SubsetRecord(name, SubsetState.PROFILING, job=job)
+        return record
+
+    def is_current(self, record: SubsetRecord) -> bool:
+        """Whether `record` is still registered (a subset deleted while profiling is not)."""
+        return self.records.get(record.name) is record
+
+    def complete(self, record: SubsetRecord, built: SubsetRecord) -> None:
+        """Make a profiling `record` ready with what `build` returned for its spec."""
+        record.state, record.spec, record.sizes = SubsetState.READY, built.spec, built.sizes
+        record.model_dir, record.created = built.model_dir, built.created
+
+    def fail(self, record: SubsetRecord, error: str) -> None:
+        record.state, record.error = SubsetState.FAILED, error
+
+    def build(self, spec: SubsetSpec, *, save: bool) -> SubsetRecord:
+        """Check `spec` against the base, save it (if asked) and materialize it; touches only
+        files (no record), so it may run on a worker thread."""
+        spec.check_against(self.base)
+        # The engine reads the base from the manifest: point it at the base this server checked.
+        spec = spec.model_copy(update={"base": spec.base.model_copy(update={"location": self.base.location})})
+        if save:
+            spec.save(self.manifest_path(spec.name))
+        return SubsetRecord(spec.name, SubsetState.READY, spec=spec, sizes=subset_sizes(self.base, spec),
+                            created=int(spec.provenance.created.timestamp()),
+                            model_dir=self.materialize(spec))
+
+    def materialize(self, spec: SubsetSpec) -> Path:
+        """The weightless model dir the engine loads; reused if it already holds this spec."""
+        target = self.model_dir(spec.name)
+        if target.exists():
+            try:
+                if SubsetSpec.load(target / MANIFEST_FILE) == spec:
+                    return target
+            except SubsetError:
+                pass  # unreadable or stale: rebuilt below
+            shutil.rmtree(target)
+        return materialize_subset(self.base, spec, target)
+
+    # -- deleting ------------------------------------------------------------------------------
+    def remove(self, name: str) -> None:
+        """Forget `name` and delete its files (a profiling job's result is then discarded)."""
+        self.get(name)
+        del self.records[name]
+        self.delete_files(name)
+
+    def delete_files(self, name: str) -> None:
+        self.manifest_path(name).unlink(missing_ok=True)
+        target = self.model_dir(name)
+        if target.exists():
+            shutil.rmtree(target)
