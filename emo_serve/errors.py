@@ -5,18 +5,48 @@ from __future__ import annotations
 
 
 class EmoServeError(Exception):
-    """Base class of every error emo-serve raises on bad input.
+    """Base class of every error emo-serve raises; its kind (the subclasses below) is all the
+    HTTP API needs to choose a status (`api/errors.py` maps kinds to statuses in one table).
 
     `param` names the input at fault where there is one (a request field such as `examples` or
-    `size`), so the HTTP API can report it in the error body's `param`.
+    `model`), for the error body's `param`; `code` is the body's machine-readable `code`.
     """
+
+    code: str | None = None
+    default_param: str | None = None
 
     def __init__(self, *args: object, param: str | None = None) -> None:
         super().__init__(*args)
-        self.param = param
+        self.param = param if param is not None else self.default_param
 
 
-class CheckpointError(EmoServeError):
+# -- the kinds: what went wrong, from the caller's side -------------------------------------------
+class InvalidInput(EmoServeError):
+    """The input (a file, a manifest, a request field, a setting) is wrong (CLI: exit 2; HTTP: 400)."""
+
+
+class NotFound(EmoServeError):
+    """What the request names does not exist (404)."""
+
+
+class Conflict(EmoServeError):
+    """The request contradicts the current state: a name taken, a model busy (409)."""
+
+
+class Busy(EmoServeError):
+    """Every slot that could serve the request is in use; retry later (429)."""
+
+
+class Unavailable(EmoServeError):
+    """What would serve the request is down or not ready yet (503)."""
+
+
+class TimedOut(Unavailable):
+    """What serves the request did not answer in time (504)."""
+
+
+# -- bad input, by where it was found -----------------------------------------------------------
+class CheckpointError(InvalidInput):
     """A checkpoint (config, index, shard header or tensor) is missing or malformed."""
 
 
@@ -24,13 +54,13 @@ class ConfigError(CheckpointError):
     """`config.json` does not describe a valid EMO model."""
 
 
-class SubsetError(EmoServeError):
+class SubsetError(InvalidInput):
     """A subset spec or manifest is invalid, or does not match its base checkpoint."""
 
 
-class ExamplesError(EmoServeError):
+class ExamplesError(InvalidInput):
     """Profiling or evaluation examples are missing or malformed."""
 
 
-class SettingsError(EmoServeError):
+class SettingsError(InvalidInput):
     """The server's settings (flags, `EMO_*` variables) are invalid or unsafe."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import EmoServeError, SubsetError
+from .errors import Conflict, EmoServeError, NotFound, SubsetError
 from .export import materialize_subset
 from .names import is_valid_name, validate_name
 from .stream import subset_sizes
@@ -40,12 +40,16 @@ class SubsetState(str, Enum):
     FAILED = "failed"
 
 
-class SubsetNotFound(EmoServeError):
-    """No subset of that name (the API answers 404)."""
+class SubsetNotFound(NotFound):
+    """No subset of that name."""
+
+    code, default_param = "subset_not_found", "name"
 
 
-class NameTaken(EmoServeError):
-    """The name belongs to the base or to another subset (the API answers 409)."""
+class NameTaken(Conflict):
+    """The name belongs to the base or to another subset."""
+
+    code, default_param = "name_taken", "name"
 
 
 @dataclass

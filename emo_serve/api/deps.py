@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from ..settings import Settings
 from .errors import APIError
 from .service import EmoService
+from .serving import OpenAIServing
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -31,7 +32,12 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.service.settings
 
 
+async def get_serving(request: Request) -> OpenAIServing:
+    return request.app.state.serving
+
+
 Service = Annotated[EmoService, Depends(get_service)]
+Serving = Annotated[OpenAIServing, Depends(get_serving)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

@@ -1,9 +1,9 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, built in one place.
 
 Every failure the API can meet ends here: our own `APIError`s, FastAPI's validation errors
-(400, not FastAPI's default 422, as OpenAI and vLLM answer), unknown routes and methods, the
-engine manager's errors (unknown model 404, unavailable 503, capacity 429, in use 409) and the
-library's typed errors (bad subset or examples: 400).
+(400, not FastAPI's default 422, as OpenAI and vLLM answer), unknown routes and methods, and the
+library's typed errors, whose kind (`emo_serve.errors`: invalid input, not found, conflict, busy,
+unavailable, timed out) picks the status in `STATUS_OF_KIND`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engines import CapacityExhausted, EngineError, ModelInUse, ModelUnavailable, UnknownModel
-from ..engines.manager import UpstreamTimeout
-from ..errors import EmoServeError
-from ..store import NameTaken, SubsetNotFound
+from ..errors import Busy, Conflict, EmoServeError, InvalidInput, NotFound, TimedOut, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +47,6 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-
-
 def error_body(status: int, message: str, *, param: str | None = None, code: Any = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
@@ -64,28 +57,27 @@ def error_response(exc: APIError) -> JSONResponse:
                         status_code=exc.status, headers=exc.headers)
 
 
+# One table from the library's kinds of error to HTTP; the first kind that matches wins.
+STATUS_OF_KIND: list[tuple[type[EmoServeError], int, dict[str, str] | None]] = [
+    (TimedOut, 504, None),
+    (NotFound, 404, None),
+    (Conflict, 409, None),
+    (Busy, 429, {"Retry-After": "5"}),
+    (Unavailable, 503, {"Retry-After": "5"}),
+    (InvalidInput, 400, None),
+    (EmoServeError, 400, None),
+]
+
+
 def from_exception(exc: Exception) -> APIError:
-    """The API error for a library or engine error (one mapping, used by routes and handlers)."""
+    """The API error for any exception (one mapping, used by routes and handlers); anything
+    that is not one of ours is a 500 that says nothing of its cause."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, UnknownModel):
-        return model_not_found(str(exc))
-    if isinstance(exc, CapacityExhausted):
-        return APIError(429, str(exc), code="engine_capacity_exhausted", headers={"Retry-After": "5"})
-    if isinstance(exc, UpstreamTimeout):
-        return APIError(504, str(exc), param="model", code="upstream_timeout")
-    if isinstance(exc, ModelUnavailable):
-        return APIError(503, str(exc), param="model", code="model_unavailable", headers={"Retry-After": "5"})
-    if isinstance(exc, ModelInUse):
-        return APIError(409, str(exc), code="model_in_use")
-    if isinstance(exc, EngineError):
-        return APIError(503, str(exc), code="engine_error")
-    if isinstance(exc, SubsetNotFound):
-        return APIError(404, str(exc), param="name", code="subset_not_found")
-    if isinstance(exc, NameTaken):
-        return APIError(409, str(exc), param="name", code="name_taken")
     if isinstance(exc, EmoServeError):
-        return APIError(400, str(exc))
+        for kind, status, headers in STATUS_OF_KIND:
+            if isinstance(exc, kind):
+                return APIError(status, str(exc), param=exc.param, code=exc.code, headers=headers)
     return APIError(500, "internal server error", code="internal_error")
 
 
@@ -110,7 +102,7 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 async def _api(request: Request, exc: Exception) -> JSONResponse:
     err = from_exception(exc)
-    if err.status >= 500 and not isinstance(exc, (APIError, EngineError)):
+    if err.status >= 500 and not isinstance(exc, (APIError, EmoServeError)):
         log.error("unhandled error", exc_info=exc)
     return error_response(err)
 
@@ -119,7 +111,7 @@ def install(app: FastAPI) -> None:
     # Starlette types handlers as taking any Exception; these take the class they are registered for.
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
-    for cls in (APIError, EngineError, EmoServeError, Exception):
+    for cls in (APIError, EmoServeError, Exception):
         app.add_exception_handler(cls, _api)
 
 

@@ -10,13 +10,11 @@ bound of the templated prompt; the engine still checks the exact length (400).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .errors import APIError
 from .protocol import ChatCompletionRequest, CompletionRequest
-
-if TYPE_CHECKING:
-    from .service import EmoService
 
 _SPECIAL_MARGIN = 8  # tokens a post-processor may add (BOS/EOS)
 
@@ -40,13 +38,15 @@ def _texts(body: CompletionRequest | ChatCompletionRequest) -> tuple[list[str], 
     return ["\n".join(parts)], []
 
 
-async def check_prompt(service: EmoService, body: CompletionRequest | ChatCompletionRequest) -> None:
-    limit = service.max_model_len
+async def check_prompt(body: CompletionRequest | ChatCompletionRequest, limit: int,
+                       tokenizer: Callable[[], Awaitable[Any]]) -> None:
+    """413 if the prompt is longer than `limit` tokens; `tokenizer()` gives the base's tokenizer,
+    asked for only when a prompt is long enough to need counting."""
     texts, id_lengths = _texts(body)
     too_long = [n for n in id_lengths if n > limit]
     long_texts = [t for t in texts if len(t.encode("utf-8", "replace")) + _SPECIAL_MARGIN > limit]
     if long_texts:
-        tok = await service.tokenizer()
+        tok = await tokenizer()
         counts = await asyncio.to_thread(lambda: [len(tok.encode(t).ids) for t in long_texts])
         too_long += [n for n in counts if n > limit]
     if too_long:

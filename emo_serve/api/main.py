@@ -15,6 +15,7 @@ from .deps import ApiKey
 from .middleware import RequestContext
 from .routes import health, openai, subsets
 from .service import EmoService
+from .serving import OpenAIServing
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -31,6 +32,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="emo-serve", version=__version__, lifespan=lifespan,
                   description="Task-specific expert subsets of EMO models behind OpenAI-compatible endpoints.")
     app.state.service = service
+    app.state.serving = OpenAIServing(service)
     errors.install(app)
     app.include_router(openai.router, dependencies=[ApiKey])
     app.include_router(subsets.router, dependencies=[ApiKey])

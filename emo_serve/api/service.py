@@ -20,7 +20,6 @@ from ..checkpoint import Checkpoint
 from ..default_model import DEFAULT_MODEL_ID, resolve_default_model
 from ..engines import (
     DedicatedPlacement,
-    EngineError,
     EngineManager,
     EngineOptions,
     EngineState,
@@ -31,7 +30,7 @@ from ..engines import (
     engine_platform,
 )
 from ..engines.manager import Probe
-from ..errors import SubsetError
+from ..errors import Busy, SubsetError, Unavailable
 from ..examples import load_examples
 from ..export import materialize_subset
 from ..metrics import Metrics
@@ -364,7 +363,7 @@ class EmoService:
         if load:
             try:
                 await self.placement.load(record.name)
-            except EngineError as exc:  # no free slot: the subset stays ready; say why
+            except (Busy, Unavailable) as exc:  # no free slot: the subset stays ready; say why
                 log.warning("could not load subset", extra={"subset": record.name, "error": str(exc)})
 
     async def delete_subset(self, name: str, *, force: bool) -> None:

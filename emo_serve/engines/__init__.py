@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from .manager import (
-                      CapacityExhausted,
-                      Engine,
-                      EngineError,
-                      EngineManager,
-                      EngineState,
-                      Lease,
-                      ModelInUse,
-                      ModelUnavailable,
-                      UnknownModel,
+    CapacityExhausted,
+    Engine,
+    EngineManager,
+    EngineState,
+    Lease,
+    ModelInUse,
+    ModelUnavailable,
+    UnknownModel,
+    UpstreamTimeout,
 )
 from .placement import DedicatedPlacement, Placement, SharedPlacement
 from .process import EngineOptions, EngineProcess, EngineStartError, engine_platform
 
-__all__ = ["CapacityExhausted", "DedicatedPlacement", "Engine", "EngineError", "EngineManager", "EngineOptions",
-           "EngineProcess", "EngineStartError", "EngineState", "Lease", "ModelInUse",
-           "ModelUnavailable", "Placement", "SharedPlacement", "UnknownModel", "engine_platform"]
+__all__ = ["CapacityExhausted", "DedicatedPlacement", "Engine", "EngineManager", "EngineOptions",
+           "EngineProcess", "EngineStartError", "EngineState", "Lease", "ModelInUse", "ModelUnavailable",
+           "Placement", "SharedPlacement", "UnknownModel", "UpstreamTimeout", "engine_platform"]

@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ..errors import Busy, Conflict, NotFound, TimedOut, Unavailable
 from .process import STOP_GRACE_SECONDS, EngineOptions, EngineProcess, EngineStartError
 
 log = logging.getLogger(__name__)
@@ -54,28 +55,37 @@ class EngineState(str, Enum):
     FAILED = "failed"
 
 
-class EngineError(Exception):
-    """Base of the errors a request for a model can meet; the API maps each to a status."""
+class UnknownModel(NotFound):
+    """No model (or engine) of that id."""
+
+    code, default_param = "model_not_found", "model"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.")
 
 
-class UnknownModel(EngineError):
-    pass
+class ModelUnavailable(Unavailable):
+    """The engine is down, failed to start, or did not become ready in time."""
+
+    code, default_param = "model_unavailable", "model"
 
 
-class ModelUnavailable(EngineError):
-    """The engine is down, failed to start, or did not become ready in time (503)."""
+class UpstreamTimeout(ModelUnavailable, TimedOut):
+    """The engine did not answer a request in time."""
+
+    code = "upstream_timeout"
 
 
-class UpstreamTimeout(ModelUnavailable):
-    """The engine did not answer a request in time (504)."""
+class CapacityExhausted(Busy):
+    """Every engine slot is held by a model with requests in flight."""
+
+    code = "engine_capacity_exhausted"
 
 
-class CapacityExhausted(EngineError):
-    """Every engine slot is held by a model with requests in flight (429)."""
+class ModelInUse(Conflict):
+    """Unloading a model with requests in flight without `force`."""
 
-
-class ModelInUse(EngineError):
-    """Unloading a model with requests in flight without `force` (409)."""
+    code = "model_in_use"
 
 
 @dataclass
