@@ -1,4 +1,9 @@
-"""Writing files so that a failure leaves nothing half-written: temp path, then rename."""
+"""Writing files so that a failure leaves nothing half-written: temp path, fsync, rename, and an
+fsync of the directory (without it a crash right after the rename may lose the rename itself).
+
+Every temporary name is `.<target>.<random>.tmp` beside its target, so `sweep_temporaries` can
+remove what a killed process left behind.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -44,6 +50,35 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
         tmp.rename(out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_path(target: str | os.PathLike[str], tag: str) -> Path:
+    """A fresh temporary name beside `target`, in the swept pattern (for staging a directory)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.{tag}.tmp"
+
+
+def sweep_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files and directories (`.*.tmp`) left in `directory` by a process
+    that died mid-write; only call this while nothing is writing there (at start-up)."""
+    removed = []
+    for entry in Path(directory).glob(".*.tmp"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

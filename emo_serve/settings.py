@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     max_examples: int = Field(64, ge=1, description="profiling examples per subset", json_schema_extra=_TUNING)
     max_example_chars: int = Field(200_000, ge=1, description="characters per profiling example",
                                    json_schema_extra=_TUNING)
+    max_profiling_jobs: int = Field(8, ge=1, description="profiling jobs queued or running at once (429 beyond)",
+                                    json_schema_extra=_TUNING)
     # Supervision and timeouts (a hung engine or a client that stops reading must not hold a slot).
     probe_interval: float = Field(10.0, gt=0, description="seconds between health probes of each ready engine",
                                   json_schema_extra=_TUNING)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import Conflict, EmoServeError, NotFound, SubsetError
 from .export import materialize_subset
+from .files import fsync_dir, sweep_temporaries, temporary_path
 from .names import is_valid_name, validate_name
 from .stream import subset_sizes
 from .subset import MANIFEST_FILE, SubsetSpec
@@ -75,6 +77,9 @@ class SubsetStore:
         self.subsets_dir.mkdir(parents=True, exist_ok=True)
         self.materialized_dir.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, SubsetRecord] = {}
+        for directory in (self.subsets_dir, self.materialized_dir):
+            for leftover in sweep_temporaries(directory):
+                log.info("removed a temporary file left by an interrupted write", extra={"path": str(leftover)})
 
     # -- paths (names cannot escape the state dir) ---------------------------------------------
     def _child(self, parent: Path, name: str, suffix: str = "") -> Path:
@@ -111,9 +116,12 @@ class SubsetStore:
                 if spec.name != name:
                     raise SubsetError(f"{path}: holds subset {spec.name!r}, not {name!r}")
                 self.records[name] = self.build(spec, save=False)
-            except EmoServeError as exc:
-                log.warning("stored subset not usable", extra={"subset": name, "error": str(exc)})
-                self.records[name] = SubsetRecord(name, SubsetState.FAILED, error=str(exc))
+            except (EmoServeError, OSError, ValueError) as exc:
+                # One bad file (not UTF-8, unreadable, a full disk while materializing) must not
+                # stop the server: the subset is listed as failed, with why.
+                error = str(exc) if isinstance(exc, EmoServeError) else f"{path.name}: {type(exc).__name__}: {exc}"
+                log.warning("stored subset not usable", extra={"subset": name, "error": error})
+                self.records[name] = SubsetRecord(name, SubsetState.FAILED, error=error)
         return list(self.records.values())
 
     # -- creating ------------------------------------------------------------------------------
@@ -156,24 +164,55 @@ class SubsetStore:
         record.state, record.spec, record.sizes = SubsetState.READY, built.spec, built.sizes
         record.model_dir, record.created = built.model_dir, built.created
 
+    def discard(self, record: SubsetRecord) -> None:
+        """Forget a record that never completed (its files were never committed)."""
+        if self.is_current(record):
+            del self.records[record.name]
+
     def fail(self, record: SubsetRecord, error: str) -> None:
         record.state, record.error = SubsetState.FAILED, error
 
-    def build(self, spec: SubsetSpec, *, save: bool) -> SubsetRecord:
-        """Check `spec` against the base, save it (if asked) and materialize it; touches only
-        files (no record), so it may run on a worker thread."""
+    def build(self, spec: SubsetSpec, *, save: bool, model_dir: Path | None = None) -> SubsetRecord:
+        """Check `spec` against the base, materialize it (into `model_dir` if given) and then,
+        if asked, save its manifest: a subset is persisted only once everything it needs is
+        written, so a failed write never comes back as a ready subset after a restart. Touches
+        only files (no record), so it may run on a worker thread."""
         spec.check_against(self.base)
         # The engine reads the base from the manifest: point it at the base this server checked.
         spec = spec.model_copy(update={"base": spec.base.model_copy(update={"location": self.base.location})})
+        built = SubsetRecord(spec.name, SubsetState.READY, spec=spec, sizes=subset_sizes(self.base, spec),
+                             created=int(spec.provenance.created.timestamp()),
+                             model_dir=self.materialize(spec, model_dir))
         if save:
-            spec.save(self.manifest_path(spec.name))
-        return SubsetRecord(spec.name, SubsetState.READY, spec=spec, sizes=subset_sizes(self.base, spec),
-                            created=int(spec.provenance.created.timestamp()),
-                            model_dir=self.materialize(spec))
+            try:
+                spec.save(self.manifest_path(spec.name))
+            except BaseException:  # no manifest: the materialized dir would be an orphan
+                if built.model_dir is not None:
+                    shutil.rmtree(built.model_dir, ignore_errors=True)
+                raise
+        return built
 
-    def materialize(self, spec: SubsetSpec) -> Path:
+    def staging_dir(self, name: str) -> Path:
+        """A private place for a background job to materialize `name` before it commits."""
+        return temporary_path(self.model_dir(name), uuid.uuid4().hex[:12])
+
+    def commit(self, record: SubsetRecord, built: SubsetRecord) -> None:
+        """Make a profiling `record` ready with what `build` staged for it: the staged dir
+        becomes the subset's, then the manifest is saved. Runs on the event loop, where it
+        cannot interleave with a delete or a re-create of the same name (a few renames)."""
+        assert built.spec is not None and built.model_dir is not None
+        target = self.model_dir(record.name)
+        if target.exists():
+            shutil.rmtree(target)
+        built.model_dir.rename(target)
+        fsync_dir(target.parent)
+        built.spec.save(self.manifest_path(record.name))
+        built.model_dir = target
+        self.complete(record, built)
+
+    def materialize(self, spec: SubsetSpec, target: Path | None = None) -> Path:
         """The weightless model dir the engine loads; reused if it already holds this spec."""
-        target = self.model_dir(spec.name)
+        target = target or self.model_dir(spec.name)
         if target.exists():
             try:
                 if SubsetSpec.load(target / MANIFEST_FILE) == spec:

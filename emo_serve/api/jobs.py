@@ -1,19 +1,23 @@
 """Profiling jobs of the server: a subset made from examples is profiled in the background.
 
 Profiling is CPU/GPU-bound and the machine is shared with the engines, so jobs run on one worker
-thread, one at a time; the result is written to the store on a thread too (it touches files) and
-committed on the event loop, where a subset deleted meanwhile is noticed and its files removed.
+thread, one at a time, and at most `max_jobs` wait or run (more is a 429: an unbounded queue is
+memory anyone with the admin key can fill). The result is materialized on a thread into a staging
+directory of the job's own, then committed on the event loop: a subset deleted meanwhile is
+noticed there, and a re-created one of the same name is never touched. Deleting a subset cancels
+its job, queued or running (a running one's result is discarded).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import EmoServeError
+from ..errors import Busy, EmoServeError
 from ..examples import Example
 from ..selection import SelectionRequest, build_subset
 from ..store import SubsetRecord, SubsetState, SubsetStore
@@ -27,21 +31,33 @@ OnSeconds = Callable[[str, float], None]  # (method, seconds) of a job that succ
 class ProfilingJobs:
     """Runs `selection.build_subset` for the store's base, one job at a time."""
 
-    def __init__(self, store: SubsetStore) -> None:
+    def __init__(self, store: SubsetStore, *, max_jobs: int = 8) -> None:
         self.store = store
+        self.max_jobs = max_jobs
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emo-profile")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, name: str, examples: Sequence[Example], request: SelectionRequest,
               on_done: OnDone | None = None, on_seconds: OnSeconds | None = None) -> SubsetRecord:
         """Register `name` as profiling and profile the examples on the worker thread."""
+        if len(self._tasks) >= self.max_jobs:
+            raise Busy(f"{len(self._tasks)} profiling jobs are queued or running, the limit is {self.max_jobs}; "
+                       "retry later", param="examples")
         record = self.store.begin(name, {"method": request.method, **request.describe(),
                                          "examples": len(examples),
                                          "example_fingerprints": [e.fingerprint for e in examples]})
         task = asyncio.create_task(self._run(record, list(examples), request, on_done, on_seconds))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[name] = task
+        task.add_done_callback(lambda t: self._tasks.pop(name, None) if self._tasks.get(name) is t else None)
         return record
+
+    def cancel(self, name: str) -> bool:
+        """Cancel `name`'s job: a queued one never starts; a running one's result is dropped."""
+        task = self._tasks.pop(name, None)
+        if task is None:
+            return False
+        task.cancel()
+        return True
 
     async def _run(self, record: SubsetRecord, examples: list[Example], request: SelectionRequest,
                    on_done: OnDone | None, on_seconds: OnSeconds | None) -> None:
@@ -53,11 +69,16 @@ class ProfilingJobs:
                 self._pool, lambda: build_subset(store.base, examples, request, name=record.name))
             if not store.is_current(record):
                 return  # deleted while profiling
-            built = await loop.run_in_executor(None, lambda: store.build(selected.spec, save=True))
-            if not store.is_current(record):  # deleted while writing
-                store.delete_files(record.name)
-                return
-            store.complete(record, built)
+            staging = store.staging_dir(record.name)
+            try:
+                built = await loop.run_in_executor(
+                    None, lambda: store.build(selected.spec, save=False, model_dir=staging))
+                if not store.is_current(record):  # deleted while writing: only our own files go
+                    return
+                store.commit(record, built)
+            finally:
+                if staging.exists():
+                    await loop.run_in_executor(None, lambda: shutil.rmtree(staging, ignore_errors=True))
         except (EmoServeError, ValueError) as exc:
             store.fail(record, str(exc))
         except Exception as exc:  # a bug or an I/O failure: keep serving, report it on the subset
@@ -72,6 +93,6 @@ class ProfilingJobs:
             await on_done(record)
 
     def close(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -36,7 +36,7 @@ from ..export import materialize_subset
 from ..metrics import Metrics
 from ..selection import SelectionRequest
 from ..settings import Settings, derive_model_id
-from ..store import SubsetRecord, SubsetState, SubsetStore
+from ..store import SubsetNotFound, SubsetRecord, SubsetState, SubsetStore
 from ..subset import SubsetSpec, make_subset
 from .jobs import ProfilingJobs
 from .protocol import EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate, SubsetObject, Version
@@ -100,7 +100,7 @@ class EmoService:
         cfg = self.base.config
         self.max_model_len = min(s.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.registry = SubsetStore(self.base, self.base_id, s.state_dir)
-        self.jobs = ProfilingJobs(self.registry)
+        self.jobs = ProfilingJobs(self.registry, max_jobs=s.max_profiling_jobs)
         self.registry.load_existing()
         preloads = [SubsetSpec.load(p) for p in s.preload_subsets]
         for spec in preloads:
@@ -334,7 +334,7 @@ class EmoService:
             # pydantic parsed one of the two shapes `experts` allows; `flat` says which.
             routed = cast(list[list[int]], [list(req.experts)] * n if flat else req.experts)
             spec = make_subset(self.base, [list(ids) for ids in routed], req.name)
-            record = self.registry.add(spec)
+            record = await self._build_explicit(spec)
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
         s = self.settings
@@ -355,6 +355,24 @@ class EmoService:
                         on_seconds=lambda m, sec: self.metrics.profiling.labels(m).observe(sec))
         return False, self.subset(req.name)
 
+    async def _build_explicit(self, spec: SubsetSpec) -> SubsetRecord:
+        """Write a subset of explicit ids off the event loop (materializing reads the base's
+        config and tokenizer, perhaps remotely); the name is held meanwhile, as while profiling."""
+        record = self.registry.begin(spec.name, {"method": "explicit", "examples": 0, "example_fingerprints": []})
+        staging = self.registry.staging_dir(spec.name)
+        try:
+            built = await asyncio.to_thread(self.registry.build, spec, save=False, model_dir=staging)
+            if not self.registry.is_current(record):
+                raise SubsetNotFound(f"the subset `{spec.name}` was deleted while it was being created")
+            self.registry.commit(record, built)
+        except BaseException:
+            self.registry.discard(record)
+            raise
+        finally:
+            if staging.exists():
+                await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+        return record
+
     async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:
         if record.state is not SubsetState.READY:
             return
@@ -368,6 +386,7 @@ class EmoService:
 
     async def delete_subset(self, name: str, *, force: bool) -> None:
         self.registry.get(name)
+        self.jobs.cancel(name)  # a queued job never starts; a running one's result is dropped
         if self.placement.placed(name):
             await self.placement.remove(name, force=force)
         self.registry.remove(name)
