@@ -209,7 +209,7 @@ class EmoAttention(nn.Module):
             assert tp_size % self.total_num_kv_heads == 0
         self.num_heads = self.total_num_heads // tp_size
         self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
-        self.head_dim = config.head_dim
+        self.head_dim: int = config.head_dim or config.hidden_size // self.total_num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
 
@@ -297,7 +297,10 @@ class EmoModel(nn.Module):
                 intermediate_tensors: IntermediateTensors | None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
         if get_pp_group().is_first_rank:
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            if inputs_embeds is None:
+                assert input_ids is not None, "the first pipeline stage needs token ids or embeddings"
+                inputs_embeds = self.embed_input_ids(input_ids)
+            hidden_states = inputs_embeds
             residual = None
         else:
             assert intermediate_tensors is not None
@@ -345,7 +348,8 @@ class EmoModel(nn.Module):
                     continue
                 name = name.replace(shard_name, param_name)
                 param = params_dict[name]
-                param.weight_loader(param, loaded_weight, shard_id)
+                # vLLM's parallel layers attach `weight_loader` to their parameters at run time.
+                param.weight_loader(param, loaded_weight, shard_id)  # type: ignore[attr-defined]
                 break
             else:
                 for param_name, weight_name, expert_id, shard_id in expert_params_mapping:
@@ -353,8 +357,8 @@ class EmoModel(nn.Module):
                         continue
                     name = name.replace(weight_name, param_name)
                     param = params_dict[name]
-                    param.weight_loader(param, loaded_weight, name, shard_id=shard_id,
-                                        expert_id=expert_id)
+                    param.weight_loader(param, loaded_weight, name,  # type: ignore[attr-defined]  # (as above)
+                                        shard_id=shard_id, expert_id=expert_id)
                     break
                 else:
                     param = params_dict[name]
