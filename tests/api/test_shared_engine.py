@@ -26,7 +26,7 @@ import pytest
 from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, engine_of, frozen
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.export import materialize_subset
-from emo_serve.settings import shipped_default_model
+from emo_serve.default_model import shipped_default_model
 from emo_serve.subset import make_subset
 
 pytestmark = pytest.mark.vllm
