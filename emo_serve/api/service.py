@@ -106,7 +106,7 @@ class EmoService:
         for spec in preloads:
             self.registry.adopt(spec)
         self._startup_models = ([self.base_id] if s.serve_base else []) + [p.name for p in preloads]
-        if len(self._startup_models) > s.max_engines:
+        if self.engine_mode == "dedicated" and len(self._startup_models) > s.max_engines:
             raise SubsetError(f"{len(self._startup_models)} models to load at start "
                               f"({', '.join(self._startup_models)}) but --max-engines is {s.max_engines}")
         self._base_dir = self._base_model_dir() if s.serve_base else None
@@ -377,7 +377,7 @@ class EmoService:
         if record.state is not SubsetState.READY:
             return
         assert record.spec is not None
-        await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir))
+        await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir), start=load)
         if load:
             try:
                 await self.placement.load(record.name)

@@ -57,7 +57,8 @@ class Placement(ABC):
     def add_base(self, base_id: str, model_dir: str) -> None: ...
 
     @abstractmethod
-    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True) -> None: ...
+    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True,
+                         start: bool = False) -> None: ...
 
     @abstractmethod
     async def remove(self, name: str, *, force: bool) -> None: ...
@@ -103,7 +104,8 @@ class DedicatedPlacement(Placement):
     def add_base(self, base_id: str, model_dir: str) -> None:
         self.manager.register(base_id, model_dir)
 
-    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True) -> None:
+    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True,
+                         start: bool = False) -> None:
         self.manager.register(name, model_dir)
 
     async def remove(self, name: str, *, force: bool) -> None:
@@ -211,24 +213,27 @@ class SharedPlacement(Placement):
         raise ModelInUse(f"all {self.slots - 1} subset slots of the shared engine are taken; "
                          "delete a subset or raise --subset-slots")
 
-    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True) -> None:
+    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True,
+                         start: bool = False) -> None:
         """Give `name` a mask row on the current engine, or (unless `grow` is off, as while
-        starting up) build one that holds its experts."""
+        starting up) register an engine that holds its experts: started now if `start`, else by
+        the first request for a model placed on it."""
         self._salt_counter += 1
         self.subsets[name] = _Subset(experts, self._free_row(), f"emo-subset-{name}-{self._salt_counter}")
         current = self._current()
         if current is not None and self._fits(current, experts):
             self.model_engine[name] = current
         elif grow:
-            await self._grow()
+            await self._grow(start=start)
 
     async def place_pending(self) -> None:
         """One engine for every subset added with `grow` off that no engine holds yet."""
         if any(name not in self.model_engine for name in self.subsets):
-            await self._grow()
+            await self._grow(start=False)
 
-    async def _grow(self) -> None:
-        """Build an engine for the union of every subset, then move all models onto it."""
+    async def _grow(self, *, start: bool) -> None:
+        """Register an engine for the union of every subset; once it is ready (started now, or
+        by the first request for a subset only it holds) every model moves onto it."""
         union = [sorted(set().union(*(s.experts[i] for s in self.subsets.values())))
                  for i in range(self._num_layers)]
         self._generation += 1
@@ -239,18 +244,19 @@ class SharedPlacement(Placement):
         for name, sub in self.subsets.items():  # those the old engine cannot serve wait for the new one
             if name not in previous or not self._fits(previous[name], sub.experts):
                 self.model_engine[name] = engine_id
-        log.info("building a shared engine for a larger union of experts",
-                 extra={"engine": engine_id, "experts": sum(len(e) for e in union)})
-        await self.manager.load(engine_id)
+        log.info("a shared engine for a larger union of experts",
+                 extra={"engine": engine_id, "experts": sum(len(e) for e in union), "starting": start})
+        if start:
+            await self.manager.load(engine_id)
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
         self._pending = asyncio.create_task(self._switch_when_ready(new, set(previous.values())))
 
     async def _switch_when_ready(self, new: Engine, old_ids: set[str]) -> None:
+        # Until it is ready (it may not be started yet, or be backing off after a failed start)
+        # the old engine keeps serving every model it holds; a newer union cancels this task.
         while new.state is not EngineState.READY:
-            if new.state in (EngineState.FAILED, EngineState.STOPPED) or self.manager.get(new.model_id) is not new:
-                log.error("shared engine did not start; models stay where they are",
-                          extra={"engine": new.model_id, "error": new.error})
+            if self.manager.get(new.model_id) is not new:
                 return
             await asyncio.sleep(0.2)
         for name in self.subsets:

@@ -310,6 +310,8 @@ def test_subset_beyond_the_resident_experts_gets_a_larger_engine(server_factory,
     try:
         r = admin.post("/v1/subsets", json={"name": "second", "experts": SUBSETS["quarter"]})
         assert r.status_code == 201, r.text
+        states = {e["model"]: e["state"] for e in admin.get("/v1/engines").json()["data"]}
+        assert states == {"emo-shared-1": "ready", "emo-shared-2": "stopped"}  # no "load": started on demand
         out = client.completions.create(model="second", prompt="hello", max_tokens=4)  # waits for the new engine
         assert out.model == "second"
     finally:
