@@ -29,7 +29,10 @@ class SubsetError(EmoServeError):
 
 
 class ExamplesError(EmoServeError):
-    """Profiling or evaluation examples are missing or malformed."""
+    """Profiling or evaluation examples are missing or malformed (the field at fault: `examples`)."""
+
+    def __init__(self, *args: object, param: str | None = "examples") -> None:
+        super().__init__(*args, param=param)
 
 
 class SettingsError(EmoServeError):
