@@ -59,7 +59,9 @@ class SubsetError(InvalidInput):
 
 
 class ExamplesError(InvalidInput):
-    """Profiling or evaluation examples are missing or malformed."""
+    """Profiling or evaluation examples are missing or malformed (the field at fault: `examples`)."""
+
+    default_param = "examples"
 
 
 class SettingsError(InvalidInput):

@@ -13,7 +13,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .config import EmoConfig
-from .errors import SubsetError
+from .errors import EmoServeError, SubsetError
 from .examples import Source
 from .profiler import Scores, profile, resolve_sizes
 from .sizing import auto_subset, check_request
@@ -42,7 +42,20 @@ class SelectionRequest:
         return self.max_loss_increase is not None or self.budget is not None
 
     def check(self, cfg: EmoConfig) -> None:
-        """Raise (SubsetError, SizingError) for a request the base `cfg` cannot satisfy."""
+        """Raise (SubsetError, SizingError) for a request the base `cfg` cannot satisfy; the
+        error's `param` names the sizing field that was given."""
+        try:
+            self._check(cfg)
+        except EmoServeError as exc:
+            exc.param = exc.param or self._sizing_field()
+            raise
+
+    def _sizing_field(self) -> str:
+        fields = ("size", "fraction", "sizes", "max_loss_increase", "budget")
+        given = [k for k in fields if getattr(self, k) is not None]
+        return given[0] if len(given) == 1 else "size"
+
+    def _check(self, cfg: EmoConfig) -> None:
         if self.by_quality:
             if any(x is not None for x in (self.size, self.fraction, self.sizes)):
                 raise SubsetError("give exactly one of size, fraction, sizes, max_loss_increase or budget")
@@ -50,7 +63,7 @@ class SelectionRequest:
             return
         resolve_sizes(cfg.routed_counts(), size=self.size, fraction=self.fraction, sizes=self.sizes)
         if self.method == "layerwise" and self.sizes is not None:
-            raise SubsetError("method 'layerwise' needs `size` or `fraction`, not per-layer `sizes`")
+            raise SubsetError("method 'layerwise' needs `size` or `fraction`, not per-layer `sizes`", param="method")
 
     def describe(self) -> dict[str, Any]:
         """What was asked for, as recorded on a subset while it is profiled (given values only)."""

@@ -178,10 +178,11 @@ def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: in
     if max_loss_increase is not None and (isinstance(max_loss_increase, bool) or not max_loss_increase >= 0):
         raise SizingError(f"max_loss_increase {max_loss_increase} must be a number >= 0 (0.05 = +5 % perplexity)")
     if method == "random":
-        raise SizingError("method 'random' ranks no expert by the examples; choose another method")
+        raise SizingError("method 'random' ranks no expert by the examples; choose another method", param="method")
     if budget is not None:
         if method == "layerwise":
-            raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget")
+            raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget",
+                              param="method")
         _check_budget(cfg.routed_counts(), budget)
 
 

@@ -44,6 +44,10 @@ def pickle_only(d: Path) -> None:
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
 
 
+def reshaped_expert(d: Path) -> None:
+    edit_header(d / SHARD1, lambda h: h[EXPERT].update(shape=[64, 256]))  # same bytes, not the config's shape
+
+
 def garbage_header(d: Path) -> None:
     raw = bytearray((d / SHARD2).read_bytes())
     raw[8:20] = b"\xff" * 12
@@ -84,6 +88,8 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         CheckpointError, rf"/{INDEX}: invalid shard name '\.\./x\.safetensors'"),
     "unsupported-dtype": (unsupported_dtype, CheckpointError,
                           rf"/{SHARD1}: tensor '{re.escape(EXPERT)}': unsupported dtype 'U32'"),
+    "wrong-shape": (reshaped_expert, CheckpointError,
+                    rf"first '{re.escape(EXPERT)}' \(.*/{SHARD1}\): \[64, 256\], expected \[128, 128\]"),
     "pickle-only": (pickle_only, CheckpointError, r"only pickle-based weights \(pytorch_model\.bin\)"),
 }
 

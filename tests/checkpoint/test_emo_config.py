@@ -46,6 +46,20 @@ def test_explicit_per_layer_shared_and_always_active() -> None:
     assert all(g.layer_routing(i).always_active == (15,) for i in range(4))
 
 
+def test_shared_and_routed_ids_per_layer() -> None:
+    """One answer to "which experts must a subset keep, which may it choose": the shared (last)
+    ids plus any always-active ones; a dense layer has neither and keeps nothing."""
+    c = cfg(num_experts_per_layer=[16, 8, 0, 8], num_shared_experts_per_layer=[1, 2, 0, 0],
+            always_active_experts_per_layer=[[], [], [], [3]], dense_intermediate_size=256)
+    r = [c.layer_routing(i) for i in range(4)]
+    assert r[0].shared_ids == [15] and r[0].routed_ids == list(range(15))
+    assert r[1].shared_ids == [6, 7] and r[1].routed_ids == list(range(6))
+    assert r[2].shared_ids == [] and r[2].routed_ids == [] and r[2].kept_ids([0, 1]) == []
+    assert r[3].shared_ids == [3] and r[3].routed_ids == [0, 1, 2, 4, 5, 6, 7]
+    assert r[0].kept_ids([4, 2]) == [2, 4, 15] and r[3].kept_ids([5, 3]) == [3, 5]
+    assert c.routed_counts() == [15, 6, 0, 7]
+
+
 def test_top_k_is_capped_at_the_layer_count() -> None:
     c = cfg(num_experts_per_layer=[2, 16, 16, 16], num_experts_per_tok=8)
     assert c.layer_routing(0).top_k == 2 and c.layer_routing(0).routed_top_k == 1
