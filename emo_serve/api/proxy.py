@@ -68,7 +68,10 @@ class RelayTimeouts:
     send: float = 30.0
 
 
-def _unavailable(model: str, exc: BaseException, timeout: float | None = None) -> ModelUnavailable:
+def _unavailable(model: str, exc: BaseException, timeout: float | None = None,
+                 aborted: bool = False) -> ModelUnavailable:
+    if aborted:
+        return ModelUnavailable(f"the request was ended because `{model}` was unloaded or deleted (force=true)")
     if isinstance(exc, asyncio.TimeoutError) and timeout is not None:
         return UpstreamTimeout(f"the engine of `{model}` did not answer within {timeout:.0f} s")
     return ModelUnavailable(f"the engine of `{model}` failed during the request ({type(exc).__name__}); "
@@ -138,7 +141,7 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
             upstream.close()
     except UPSTREAM_ERRORS as exc:
         lease.release()
-        error = _unavailable(recorder.model, exc, read_timeout)
+        error = _unavailable(recorder.model, exc, read_timeout, lease.aborted)
         recorder.finish(504 if isinstance(error, UpstreamTimeout) else 503)
         raise error from None
     except BaseException:
@@ -152,7 +155,7 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
     try:
         body = await upstream.read()
     except UPSTREAM_ERRORS as exc:
-        error = _unavailable(recorder.model, exc, read_timeout)
+        error = _unavailable(recorder.model, exc, read_timeout, lease.aborted)
         status = 504 if isinstance(error, UpstreamTimeout) else 503
         raise error from None
     except BaseException:
@@ -202,7 +205,7 @@ class ProxyStream(StreamingResponse):
             self.outcome = 200
         except UPSTREAM_ERRORS as exc:
             # Headers are sent; all that's left is an error event, as vLLM itself streams errors.
-            error = _unavailable(self.recorder.model, exc, self.timeouts.idle)
+            error = _unavailable(self.recorder.model, exc, self.timeouts.idle, self.lease.aborted)
             self.outcome = 504 if isinstance(error, UpstreamTimeout) else 503
             code = "upstream_timeout" if isinstance(error, UpstreamTimeout) else "model_unavailable"
             err = error_body(self.outcome, str(error), code=code)

@@ -117,6 +117,9 @@ class EngineProcess:
         self.opts = opts
         self.extra_args, self.extra_env = extra_args, env
         self.probe_failed = False  # killed by the manager's health probe
+        # Shared-memory files the engine's processes map (vLLM's message queues); a killed
+        # engine cannot remove them, so `stop` does once the whole group is gone.
+        self.shm_segments: set[Path] = set()
         self.socket_path = opts.socket_dir / f"e{slot}.sock"
         self.log_path = opts.logs_dir / f"engine-{model_id}.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -161,6 +164,7 @@ class EngineProcess:
                 raise EngineStartError(f"the engine of `{self.model_id}` was not healthy after "
                                        f"{self.opts.start_timeout:.0f} s", self.log_tail())
             if self.socket_path.exists() and await self.healthy(5.0):
+                self.shm_segments = self.mapped_shm_segments()
                 return
             await asyncio.sleep(HEALTH_POLL_SECONDS)
 
@@ -218,8 +222,46 @@ class EngineProcess:
             self.signal_group(signal.SIGKILL)
             if self.proc.returncode is None:
                 await self.proc.wait()
+            await self._wait_group_gone()
+            for segment in self.shm_segments:
+                segment.unlink(missing_ok=True)
         await self.client.close()
         self.socket_path.unlink(missing_ok=True)
+
+    def group_pids(self) -> list[int]:
+        """The live processes of the engine's process group (Linux `/proc`; none elsewhere)."""
+        if self.proc is None:
+            return []
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended while we looked
+            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def mapped_shm_segments(self) -> set[Path]:
+        """`/dev/shm` files mapped by any process of the engine's group."""
+        segments = set()
+        for pid in self.group_pids():
+            try:
+                maps = Path(f"/proc/{pid}/maps").read_text()
+            except OSError:
+                continue
+            for line in maps.splitlines():
+                parts = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
+                    segments.add(Path(path))
+        return segments
+
+    async def _wait_group_gone(self, timeout: float = 5.0) -> None:
+        """SIGKILLed children take a moment to die; their files are removed after that."""
+        deadline = time.monotonic() + timeout
+        while self.group_pids() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def kill_now(self) -> None:
         """Synchronous last resort (interpreter exit): SIGKILL the group."""

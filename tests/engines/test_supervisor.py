@@ -88,10 +88,16 @@ def test_a_crash_restarts_at_once_then_a_crash_loop_backs_off(tmp_path: Path) ->
         engine = mgr.register("a", "dir-a")
         (await mgr.acquire("a")).release()
         assert engine.proc is not None
+        segments = engine.proc.shm_segments
+        assert [p.name for p in segments] == [f"psm_fake_{engine.proc.pid}"] and all(p.exists() for p in segments)
         os.killpg(engine.proc.pid, signal.SIGKILL)
         while engine.state is EngineState.READY:
             await asyncio.sleep(0.05)
         assert engine.down and engine.crashes == 1 and "exited" in (engine.error or "")
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(p.exists() for p in segments):  # a killed engine's /dev/shm files are removed
+            assert asyncio.get_running_loop().time() < deadline, f"{segments} left behind"
+            await asyncio.sleep(0.05)
         (await mgr.acquire("a")).release()  # the first crash of a healthy engine: no back-off
         assert engine.state is EngineState.READY and engine.starts == 2 and not engine.down
         assert engine.proc is not None
