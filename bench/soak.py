@@ -1,0 +1,765 @@
+"""Soak and chaos: sustained mixed traffic over the base and its subsets while engines are killed,
+stopped and restarted and subsets are created, deleted, unloaded and loaded.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/soak.py [--minutes 10] [--concurrency 16] [--out DIR]
+
+One `emo-serve serve` (shared engine mode, the built-in `emo-demo`, no keys, a fresh state dir) is
+started and driven for `--minutes`:
+
+- load: `--concurrency` async workers, each in a loop: a model picked at random among the base
+  and the live subsets, the endpoint cycling through completions / streamed completions / chat /
+  streamed chat, 16-64 new tokens. Every request is recorded (model, endpoint, status, how a
+  stream ended, latency, the first error message).
+- chaos, every 40-60 s, cycling: SIGKILL the shared engine's process group; SIGSTOP its process
+  tree for 15 s (the health probe must kill it) then SIGCONT; create a subset of random experts;
+  force-delete a subset; unload a subset (forced if it has requests in flight) then load it.
+- every 10 s: the front end's RSS, the processes below the server, the engines' pid/state/
+  starts/crashes, and processes carrying this server's `EMO_PARENT_PID` that are no longer below it.
+
+A request is *lost without an error* when it got no HTTP status (transport error), when a stream
+ended without `data: [DONE]` and without an error event, when a 200 body is not a completion, or
+when it hung past `--client-timeout` (120 s). A 404 for a subset that the chaos task deleted is
+counted apart. Pass criteria: nothing lost, no 5xx other than 503 (listed if any), front-end RSS
+flat after warm-up, no process of the server's tree alive after SIGTERM, no temp files (the
+`.NAME.XXXX.tmp` of `emo_serve/files.py`) in the state dir and the server's `/tmp/emo-engines-*`
+socket dir gone. The summary is printed as a table and written to `OUT/summary.json`; per-request
+records, chaos events and samples go next to it, with the server's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+BASE = "emo-demo"
+CLI = [sys.executable, "-c", "import sys; from emo_serve.cli import main; sys.exit(main())"]
+SERVER_ARGS = ["--engine-mode", "shared", "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "1",
+               "--probe-interval", "2", "--probe-timeout", "2", "--probe-misses", "3", "--log-level", "info"]
+TEMP_NAME = re.compile(r"^\..+\.tmp$")  # emo_serve/files.py: mkstemp/mkdtemp(prefix=".NAME.", suffix=".tmp")
+PROMPTS = [
+    "def fibonacci(n):\n    ",
+    "This program is free software; you can redistribute it and/or modify it under the terms of",
+    "What is 12 plus 30? 12 + 30 =",
+    "The quick brown fox",
+]
+CHATS = ["Write a Python function that adds two numbers.", "What is 7 times 6?", "Say hello."]
+ENDPOINTS = [("completions", False), ("completions", True), ("chat", False), ("chat", True)]
+SAMPLE_SECONDS = 10.0
+WARMUP_SECONDS = 60.0
+STOP_SECONDS = 15.0
+ATTRIBUTE_SECONDS = 150.0  # a 503 this long after a kill/stop/delete/unload is put down to it
+
+
+def now() -> str:
+    return time.strftime("%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- processes -------------------------------------------------------------------------------------
+def _ppids() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> set[int]:
+    children, out, todo = _ppids(), set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def tagged(server_pid: int) -> set[int]:
+    """Live processes whose environment names `server_pid` as EMO_PARENT_PID (engines and every
+    process they started, wherever they were re-parented to)."""
+    tag = f"EMO_PARENT_PID={server_pid}".encode()
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if tag in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
+                    out.add(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+    except OSError:
+        return "?"
+
+
+def shm_mapped(pids: set[int] | list[int]) -> set[str]:
+    """The /dev/shm segments (vLLM's `psm_*` message queues, `sem.*`) that these processes map."""
+    out = set()
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    out.add(line.split("/dev/shm/", 1)[1].removesuffix(" (deleted)").strip())
+        except OSError:
+            continue
+    return out
+
+
+def temp_files(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if TEMP_NAME.match(p.name))
+
+
+# -- records ---------------------------------------------------------------------------------------
+@dataclass
+class Req:
+    t: float             # seconds since the load began
+    at: str              # wall clock (UTC)
+    model: str
+    endpoint: str
+    stream: bool
+    status: int | None = None   # HTTP status; None: none received
+    outcome: str = ""           # ok | http_error | stream_error_event | lost_transport | lost_cut | lost_hang | bad_body
+    error_status: int | None = None  # the status inside a stream's error event
+    latency: float = 0.0
+    deleted: bool = False       # the model had been deleted by the chaos task when the answer came
+    model_ok: bool = True       # the answer named the model asked for
+    message: str = ""
+
+
+@dataclass
+class State:
+    url: str
+    server_pid: int
+    t0: float = 0.0
+    live: list[str] = field(default_factory=list)
+    deleted: set[str] = field(default_factory=set)
+    requests: list[Req] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    orphans: set[int] = field(default_factory=set)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    socket_dirs: set[str] = field(default_factory=set)
+    shm: dict[str, str] = field(default_factory=dict)  # segment -> how its engine ended ("running" until known)
+    shm_by_pid: dict[int, set[str]] = field(default_factory=dict)
+
+    def track_shm(self, engine_pid: int | None) -> None:
+        if engine_pid:
+            seen = shm_mapped({engine_pid, *descendants(engine_pid)})
+            self.shm_by_pid.setdefault(engine_pid, set()).update(seen)
+            for name in seen:
+                self.shm.setdefault(name, f"engine {engine_pid}")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    event_start: float | None = None  # when the chaos event being logged began
+
+    def event(self, kind: str, **info) -> dict:
+        start, self.event_start = self.event_start, None
+        ev = {"t": round(self.elapsed(), 1), "at": now(), "kind": kind,
+              **({"began": round(start, 1)} if start is not None else {}), **info}
+        self.events.append(ev)
+        print(f"[{ev['at']} +{ev['t']:6.1f}s] chaos {kind}: " + json.dumps(info), flush=True)
+        return ev
+
+
+def error_message(text: str) -> str:
+    try:
+        body = json.loads(text)
+        return str((body.get("error") or {}).get("message") or body.get("detail") or text)[:300]
+    except (ValueError, AttributeError):
+        return text[:300]
+
+
+# -- load ------------------------------------------------------------------------------------------
+async def one_request(c: httpx.AsyncClient, st: State, model: str, kind: str, stream: bool, rng: random.Random,
+                      rec: Req) -> None:
+    max_tokens = rng.randint(16, 64)
+    if kind == "completions":
+        path, body = "/v1/completions", {"model": model, "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens}
+    else:
+        path, body = "/v1/chat/completions", {"model": model, "max_tokens": max_tokens,
+                                              "messages": [{"role": "user", "content": rng.choice(CHATS)}]}
+    body["temperature"] = rng.choice([0.0, 0.8])
+    if stream:
+        body["stream"] = True
+        async with c.stream("POST", path, json=body) as r:
+            rec.status = r.status_code
+            if r.status_code != 200:
+                rec.outcome, rec.message = "http_error", error_message((await r.aread()).decode(errors="replace"))
+                return
+            done, first = False, True
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    continue
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    rec.outcome, rec.message = "bad_body", data[:300]
+                    continue
+                if "error" in event:
+                    rec.outcome = "stream_error_event"
+                    rec.error_status = _status_of(event["error"])
+                    rec.message = str(event["error"].get("message"))[:300]
+                elif first:
+                    first = False
+                    rec.model_ok = event.get("model") == model
+            if rec.outcome:
+                return
+            rec.outcome = "ok" if done else "lost_cut"
+            if not done:
+                rec.message = "stream ended without [DONE] and without an error event"
+    else:
+        r = await c.post(path, json=body)
+        rec.status = r.status_code
+        if r.status_code != 200:
+            rec.outcome, rec.message = "http_error", error_message(r.text)
+            return
+        try:
+            out = r.json()
+            assert isinstance(out["choices"], list) and out["choices"]
+            rec.model_ok = out.get("model") == model
+            rec.outcome = "ok"
+        except (ValueError, KeyError, TypeError, AssertionError):
+            rec.outcome, rec.message = "bad_body", r.text[:300]
+
+
+def _status_of(error: dict) -> int | None:
+    """The HTTP status an error event stands for: the front end's events carry it in `code`'s
+    type (model_unavailable -> 503, upstream_timeout -> 504); vLLM's carry an int `code`."""
+    code = error.get("code")
+    return {"model_unavailable": 503, "upstream_timeout": 504}.get(code) if isinstance(code, str) else code
+
+
+async def worker(i: int, c: httpx.AsyncClient, st: State, args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed * 1000 + i)
+    n = i  # workers start at different endpoints
+    while not st.stop.is_set():
+        model = rng.choice([BASE, *st.live])
+        kind, stream = ENDPOINTS[n % len(ENDPOINTS)]
+        n += 1
+        rec = Req(t=round(st.elapsed(), 2), at=now(), model=model, endpoint=kind, stream=stream)
+        t = time.monotonic()
+        try:
+            await asyncio.wait_for(one_request(c, st, model, kind, stream, rng, rec), args.client_timeout)
+        except asyncio.TimeoutError:
+            rec.outcome, rec.message = "lost_hang", f"no complete answer after {args.client_timeout:.0f} s"
+        except httpx.HTTPError as exc:  # transport errors: with no status, or a stream cut mid-way
+            rec.outcome = "lost_transport" if rec.status is None else "lost_cut"
+            rec.message = f"{type(exc).__name__}: {exc}"[:300]
+        rec.latency = time.monotonic() - t
+        rec.deleted = model in st.deleted
+        st.requests.append(rec)
+        if rec.outcome.startswith("lost") or rec.outcome == "bad_body" or (rec.status or 0) >= 500 and rec.status != 503:
+            print(f"[{now()}] !! {rec.outcome} {rec.status} {model} {kind} stream={stream}: {rec.message}", flush=True)
+        if rec.outcome != "ok":
+            await asyncio.sleep(0.5)  # a downed engine answers at once; don't spin on it
+
+
+# -- chaos -----------------------------------------------------------------------------------------
+async def engines(c: httpx.AsyncClient) -> list[dict]:
+    r = await c.get("/v1/engines", timeout=30)
+    r.raise_for_status()
+    return r.json()["data"]
+
+
+async def base_engine(c: httpx.AsyncClient) -> dict:
+    return next(e for e in await engines(c) if e["model"] == BASE)
+
+
+async def ready_engine(c: httpx.AsyncClient, st: State, timeout: float = 240) -> dict | None:
+    """The base's engine once ready with a pid (nudging it with a request if it is down)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not st.stop.is_set():
+        e = await base_engine(c)
+        if e["state"] == "ready" and e["pid"]:
+            return e
+        await asyncio.sleep(1)
+    return None
+
+
+def random_experts(rng: random.Random, cfg: dict) -> list[list[int]]:
+    routed = cfg["num_experts"] - cfg.get("num_shared_experts", 0)
+    return [sorted(rng.sample(range(routed), rng.randint(2, 8))) for _ in range(cfg["num_hidden_layers"])]
+
+
+async def create_subset(c: httpx.AsyncClient, st: State, rng: random.Random, cfg: dict, n: int) -> None:
+    name, experts = f"soak-{n}", random_experts(rng, cfg)
+    t = time.monotonic()
+    r = await c.post("/v1/subsets", json={"name": name, "experts": experts}, timeout=120)
+    if r.status_code == 201:
+        st.live.append(name)
+    st.event("create", subset=name, status=r.status_code, seconds=round(time.monotonic() - t, 2),
+             routed_per_layer=[len(x) for x in experts], **({} if r.status_code == 201 else {"body": r.text[:300]}))
+
+
+async def chaos_kill(c: httpx.AsyncClient, st: State) -> None:
+    e = await ready_engine(c, st)
+    if e is None:
+        st.event("kill", skipped="engine not ready")
+        return
+    pid = e["pid"]
+    st.socket_dirs.add(str(Path(e["socket"]).parent))
+    st.track_shm(pid)
+    for name in st.shm_by_pid.get(pid, ()):
+        st.shm[name] = f"engine {pid}, SIGKILLed by the soak"
+    group = os.getpgid(pid)
+    members = [p for p in [pid, *descendants(pid)] if alive(p)]
+    os.killpg(group, signal.SIGKILL)
+    t = time.monotonic()
+    while any(alive(p) for p in members) and time.monotonic() - t < 10:
+        await asyncio.sleep(0.1)
+    st.event("kill", pid=pid, pgid=group, processes=len(members), crashes_before=e["crashes"],
+             survivors=[p for p in members if alive(p)])
+
+
+async def chaos_stop(c: httpx.AsyncClient, st: State) -> None:
+    e = await ready_engine(c, st)
+    if e is None:
+        st.event("stop", skipped="engine not ready")
+        return
+    pid = e["pid"]
+    st.track_shm(pid)
+    for name in st.shm_by_pid.get(pid, ()):
+        st.shm[name] = f"engine {pid}, SIGSTOPped by the soak (then killed by the probe)"
+    pids = [pid, *descendants(pid)]
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    t = time.monotonic()
+    left_ready = None
+    try:
+        while time.monotonic() - t < STOP_SECONDS:
+            await asyncio.sleep(0.5)
+            if left_ready is None:
+                now_e = await base_engine(c)
+                if now_e["pid"] != pid or now_e["state"] != "ready":
+                    left_ready = round(time.monotonic() - t, 1)
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    after = await base_engine(c)
+    st.event("stop", pid=pid, processes=len(pids), seconds=STOP_SECONDS, probe_killed=not alive(pid),
+             engine_left_ready_after_s=left_ready, crashes_before=e["crashes"], crashes_after=after["crashes"],
+             state_after=after["state"])
+
+
+async def chaos_delete(c: httpx.AsyncClient, st: State, rng: random.Random) -> None:
+    if len(st.live) < 2:
+        st.event("delete", skipped="fewer than 2 live subsets")
+        return
+    name = rng.choice(st.live[:-1])  # never the newest
+    st.deleted.add(name)  # from now on a 404 for it is expected
+    t = time.monotonic()
+    r = await c.delete(f"/v1/subsets/{name}", params={"force": "true"}, timeout=120)
+    if r.status_code == 200:
+        st.live.remove(name)
+    else:
+        st.deleted.discard(name)
+    st.event("delete", subset=name, status=r.status_code, seconds=round(time.monotonic() - t, 2),
+             **({} if r.status_code == 200 else {"body": r.text[:300]}))
+
+
+async def chaos_unload_load(c: httpx.AsyncClient, st: State, rng: random.Random) -> None:
+    if not st.live:
+        st.event("unload+load", skipped="no live subset")
+        return
+    name = rng.choice(st.live)
+    t = time.monotonic()
+    r1 = await c.post(f"/v1/subsets/{name}/unload", timeout=120)
+    forced = None
+    if r1.status_code == 409:  # requests in flight
+        forced = (await c.post(f"/v1/subsets/{name}/unload", params={"force": "true"}, timeout=120)).status_code
+    r2 = await c.post(f"/v1/subsets/{name}/load", timeout=120)
+    st.event("unload+load", subset=name, unload=r1.status_code, forced_unload=forced, load=r2.status_code,
+             state=r2.json().get("state") if r2.headers.get("content-type", "").startswith("application/json") else None,
+             seconds=round(time.monotonic() - t, 2),
+             **({} if r1.status_code in (200, 409) and r2.status_code in (200, 202) else {"body": r2.text[:300]}))
+
+
+async def chaos(c: httpx.AsyncClient, st: State, args: argparse.Namespace, cfg: dict) -> None:
+    rng = random.Random(args.seed)
+    cycle = args.chaos_cycle.split(",")
+    n, created = 0, 2  # soak-1 and soak-2 exist
+    while True:
+        try:
+            await asyncio.wait_for(st.stop.wait(), rng.uniform(args.chaos_min, args.chaos_max))
+            return
+        except asyncio.TimeoutError:
+            pass
+        kind = cycle[n % len(cycle)]
+        n += 1
+        st.event_start = st.elapsed()
+        try:
+            if kind == "kill":
+                await chaos_kill(c, st)
+            elif kind == "stop":
+                await chaos_stop(c, st)
+            elif kind == "create":
+                created += 1
+                await create_subset(c, st, rng, cfg, created)
+            elif kind == "delete":
+                await chaos_delete(c, st, rng)
+            else:
+                await chaos_unload_load(c, st, rng)
+        except Exception as exc:  # a failing admin call is a finding, not a reason to stop
+            st.event(kind, failed=f"{type(exc).__name__}: {exc}"[:300])
+
+
+# -- sampling --------------------------------------------------------------------------------------
+async def sampler(c: httpx.AsyncClient, st: State) -> None:
+    while True:
+        below = descendants(st.server_pid)
+        orphans = tagged(st.server_pid) - below
+        st.orphans |= orphans
+        try:
+            eng = [{k: e[k] for k in ("model", "pid", "state", "inflight", "starts", "crashes")}
+                   for e in await engines(c)]
+            for e in await engines(c):
+                if e.get("socket"):
+                    st.socket_dirs.add(str(Path(e["socket"]).parent))
+                if e.get("state") == "ready":
+                    st.track_shm(e.get("pid"))
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            eng = [{"error": f"{type(exc).__name__}: {exc}"[:200]}]
+        s = {"t": round(st.elapsed(), 1), "at": now(), "rss_mb": rss_mb(st.server_pid), "processes": len(below),
+             "orphans": sorted(orphans), "load1": os.getloadavg()[0], "requests": len(st.requests), "engines": eng}
+        st.samples.append(s)
+        print(f"[{s['at']} +{s['t']:6.1f}s] rss={s['rss_mb']:.1f} MB procs={s['processes']} "
+              f"load={s['load1']:.1f} requests={s['requests']} live={len(st.live)} engines={eng}", flush=True)
+        try:
+            await asyncio.wait_for(st.stop.wait(), SAMPLE_SECONDS)
+            return
+        except asyncio.TimeoutError:
+            pass
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def slope_mb_per_min(samples: list[dict]) -> float | None:
+    pts = [(s["t"] / 60, s["rss_mb"]) for s in samples if s["rss_mb"] is not None]
+    if len(pts) < 3:
+        return None
+    mx, my = statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
+
+
+async def drive(st: State, args: argparse.Namespace, cfg: dict) -> dict:
+    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    async with httpx.AsyncClient(base_url=st.url, timeout=httpx.Timeout(args.client_timeout + 10), limits=limits) as c, \
+            httpx.AsyncClient(base_url=st.url, timeout=60) as admin:
+        st.t0 = time.monotonic()
+        rng = random.Random(args.seed + 1)
+        for n in (1, 2):  # subsets to start with, so that delete and unload have something to act on
+            await create_subset(admin, st, rng, cfg, n)
+        e = await base_engine(admin)
+        st.socket_dirs.add(str(Path(e["socket"]).parent))
+        st.track_shm(e["pid"])
+        start_rss = rss_mb(st.server_pid)
+        tasks = [asyncio.create_task(worker(i, c, st, args)) for i in range(args.concurrency)]
+        side = [asyncio.create_task(chaos(admin, st, args, cfg)), asyncio.create_task(sampler(admin, st))]
+        try:
+            await asyncio.wait_for(st.stop.wait(), args.minutes * 60)
+        except asyncio.TimeoutError:
+            pass
+        st.stop.set()
+        print(f"[{now()}] load stopped; waiting for requests in flight", flush=True)
+        await asyncio.gather(*side, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        final_engines = await engines(admin)
+        for e in final_engines:
+            st.track_shm(e.get("pid"))
+            for name in st.shm_by_pid.get(e.get("pid") or -1, ()):
+                st.shm[name] = f"engine {e.get('pid')}, stopped by the server at SIGTERM"
+        end_rss = rss_mb(st.server_pid)
+        # a last sample, after the load
+        st.samples.append({"t": round(st.elapsed(), 1), "at": now(), "rss_mb": end_rss,
+                           "processes": len(descendants(st.server_pid)), "orphans": [], "load1": os.getloadavg()[0],
+                           "requests": len(st.requests), "engines": final_engines, "final": True})
+    return {"start_rss": start_rss, "end_rss": end_rss, "engines": final_engines}
+
+
+def summarize(st: State, args: argparse.Namespace, run: dict, stop_info: dict, cmd: list[str]) -> dict:
+    reqs = st.requests
+    by_status = Counter(str(r.status) if r.status is not None else "none" for r in reqs)
+    by_outcome = Counter(r.outcome for r in reqs)
+    lost = [r for r in reqs if r.outcome.startswith("lost") or r.outcome == "bad_body"]
+    # 5xx other than 503: HTTP statuses, and the statuses of streams' error events
+    bad5xx = [r for r in reqs if ((r.status or 0) >= 500 and r.status != 503)
+              or (r.outcome == "stream_error_event" and (r.error_status or 0) >= 500 and r.error_status != 503)]
+    other_errors = [r for r in reqs if r.outcome == "stream_error_event" and not (r.error_status or 0) >= 500]
+    deleted_404 = [r for r in reqs if r.status == 404 and r.deleted]
+    unexpected_4xx = [r for r in reqs if r.status is not None and 400 <= r.status < 500 and not (r.status == 404 and r.deleted)]
+    ok = [r.latency for r in reqs if r.outcome == "ok"]
+    warm = [s for s in st.samples if s["t"] >= WARMUP_SECONDS and not s.get("final") and s["rss_mb"] is not None]
+    base = next((e for e in run["engines"] if e["model"] == BASE), {})
+    # Each 503 (answer or stream error event) next to the chaos event that explains it: one that
+    # began at most 1 s after the answer and ended at most ATTRIBUTE_SECONDS before it.
+    faults = [e for e in st.events if e["kind"] in ("kill", "stop", "delete", "unload+load")
+              and "skipped" not in e and "failed" not in e]
+    unexplained_503 = []
+    by_event: Counter = Counter()
+    for r in reqs:
+        if r.status == 503 or r.error_status == 503:
+            end = r.t + r.latency
+            near = [e for e in faults if e.get("began", e["t"]) - 1 <= end <= e["t"] + ATTRIBUTE_SECONDS]
+            if near:
+                by_event[near[-1]["kind"]] += 1
+            else:
+                unexplained_503.append(asdict(r))
+    msgs_503 = Counter(re.sub(r"\d+", "N", r.message)[:120] for r in reqs
+                       if r.status == 503 or r.error_status == 503)
+    summary = {
+        "command": " ".join(cmd),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - st.elapsed())),
+        "minutes": args.minutes, "concurrency": args.concurrency,
+        "requests_total": len(reqs),
+        "requests_by_status": dict(sorted(by_status.items())),
+        "requests_by_outcome": dict(sorted(by_outcome.items())),
+        "ok": len(ok),
+        "streams_ended_with_error_event": sum(r.outcome == "stream_error_event" for r in reqs),
+        "lost_without_error": len(lost),
+        "lost_detail": [asdict(r) for r in lost[:50]],
+        "5xx_other_than_503": len(bad5xx),
+        "5xx_other_than_503_detail": [asdict(r) for r in bad5xx[:50]],
+        "503_messages": dict(msgs_503.most_common(10)),
+        "503_by_chaos_event": dict(by_event),
+        "503_unexplained": len(unexplained_503),
+        "503_unexplained_detail": unexplained_503[:20],
+        "404_of_deleted_subsets": len(deleted_404),
+        "unexpected_4xx": len(unexpected_4xx),
+        "unexpected_4xx_detail": [asdict(r) for r in unexpected_4xx[:20]],
+        "other_stream_error_events": [asdict(r) for r in other_errors[:20]],
+        "wrong_model_in_answer": sum(not r.model_ok for r in reqs if r.outcome == "ok"),
+        "latency_ok_p50_s": pct(ok, 50), "latency_ok_p99_s": pct(ok, 99),
+        "latency_all_p50_s": pct([r.latency for r in reqs], 50), "latency_all_p99_s": pct([r.latency for r in reqs], 99),
+        "requests_per_s": len(reqs) / (args.minutes * 60),
+        "ok_per_s": len(ok) / (args.minutes * 60),
+        "rss_mb_start": run["start_rss"],
+        "rss_mb_after_warmup": warm[0]["rss_mb"] if warm else None,
+        "rss_mb_end": run["end_rss"],
+        "rss_mb_max": max((s["rss_mb"] for s in st.samples if s["rss_mb"]), default=None),
+        "rss_slope_after_warmup_mb_per_min": slope_mb_per_min(warm),
+        "processes_under_server": sorted(Counter(s["processes"] for s in st.samples).items()),
+        "load1_median": statistics.median(s["load1"] for s in st.samples) if st.samples else None,
+        "engine_starts": base.get("starts"), "engine_restarts": (base.get("starts") or 1) - 1,
+        "engine_crashes": base.get("crashes"),
+        "engines_at_end": run["engines"],
+        "chaos_events": dict(Counter(e["kind"] for e in st.events if "skipped" not in e and "failed" not in e)),
+        "chaos_events_total": sum("skipped" not in e and "failed" not in e for e in st.events),
+        "chaos_failed_or_skipped": [e for e in st.events if "failed" in e or "skipped" in e],
+        "subsets_created": sum(e["kind"] == "create" and e.get("status") == 201 for e in st.events),
+        "subsets_deleted": sum(e["kind"] == "delete" and e.get("status") == 200 for e in st.events),
+        "orphans_during_run": sorted(st.orphans),
+        **stop_info,
+    }
+    return summary
+
+
+def table(s: dict) -> str:
+    def f(v, unit=""):
+        return "–" if v is None else (f"{v:,.1f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+    rows = [
+        ("duration / concurrency", f"{s['minutes']} min / {s['concurrency']} workers"),
+        ("requests total (ok)", f"{s['requests_total']:,} ({s['ok']:,}; {s['ok_per_s']:.2f} ok/s)"),
+        ("by HTTP status", ", ".join(f"{k}: {v:,}" for k, v in s["requests_by_status"].items())),
+        ("by outcome", ", ".join(f"{k}: {v:,}" for k, v in s["requests_by_outcome"].items())),
+        ("lost without an error (must be 0)", s["lost_without_error"]),
+        ("5xx other than 503 (must be 0)", s["5xx_other_than_503"]),
+        ("503s (answers + stream error events), by the chaos event before them",
+         ", ".join(f"{k}: {v}" for k, v in s["503_by_chaos_event"].items()) + f"; unexplained: {s['503_unexplained']}"),
+        ("404 for a just-deleted subset", s["404_of_deleted_subsets"]),
+        ("other 4xx", s["unexpected_4xx"]),
+        ("answers naming another model", s["wrong_model_in_answer"]),
+        ("latency p50 / p99, ok requests", f"{f(s['latency_ok_p50_s'])} / {f(s['latency_ok_p99_s'])} s"),
+        ("latency p50 / p99, all requests", f"{f(s['latency_all_p50_s'])} / {f(s['latency_all_p99_s'])} s"),
+        ("front-end RSS start / after warm-up / end (max)",
+         f"{f(s['rss_mb_start'])} / {f(s['rss_mb_after_warmup'])} / {f(s['rss_mb_end'])} ({f(s['rss_mb_max'])}) MB"),
+        ("front-end RSS slope after warm-up", f"{f(s['rss_slope_after_warmup_mb_per_min'])} MB/min"),
+        ("engine starts / restarts / crashes", f"{s['engine_starts']} / {s['engine_restarts']} / {s['engine_crashes']}"),
+        ("chaos events", f"{s['chaos_events_total']} ({', '.join(f'{k}: {v}' for k, v in s['chaos_events'].items())})"),
+        ("subsets created / deleted", f"{s['subsets_created']} / {s['subsets_deleted']}"),
+        ("processes under the server (samples)", ", ".join(f"{k}: {v}" for k, v in s["processes_under_server"])),
+        ("orphaned engine processes during the run", len(s["orphans_during_run"])),
+        ("server exit after SIGTERM", f"code {s['server_exit_code']} in {f(s['server_stop_seconds'])} s"),
+        ("leaked processes", len(s["leaked_processes"])),
+        ("leaked temp files (state dir, socket dir)", len(s["leaked_temp_files"])),
+        ("/dev/shm segments of its engines left behind", f"{len(s['leaked_shm_segments'])} of {s['shm_segments_seen']}"),
+        ("machine load (1-min average, median)", f(s["load1_median"])),
+    ]
+    return "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def start_server(out: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
+    state = out / "state"
+    cmd = [*CLI, "serve", "--port", str(port), "--state-dir", str(state), *SERVER_ARGS]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMO_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    with open(out / "server.log", "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, cmd
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 900) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before /ready")
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not ready after {timeout} s")
+
+
+def stop_server(proc: subprocess.Popen, server_pid: int, state_dir: Path, socket_dirs: set[str]) -> dict:
+    below = descendants(server_pid) | tagged(server_pid)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(150)
+    except subprocess.TimeoutExpired:
+        code = None
+    seconds = time.monotonic() - t
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p) for p in below):
+        time.sleep(0.2)
+    leaked = sorted(p for p in below | tagged(server_pid) if alive(p))
+    leaked_info = [{"pid": p, "cmd": cmdline(p)} for p in leaked]
+    for p in leaked:  # leave nothing behind on the shared machine
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if code is None:
+        proc.kill()
+        proc.wait()
+    temps = temp_files(state_dir)
+    for d in socket_dirs:
+        if Path(d).exists():
+            temps.append(d + " (socket dir still present: " + ", ".join(os.listdir(d)) + ")")
+    return {"server_exit_code": code, "server_stop_seconds": seconds, "leaked_processes": leaked_info,
+            "leaked_temp_files": temps, "socket_dirs": sorted(socket_dirs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--client-timeout", type=float, default=120, help="seconds before a request counts as hung")
+    ap.add_argument("--chaos-min", type=float, default=40)
+    ap.add_argument("--chaos-max", type=float, default=60)
+    ap.add_argument("--chaos-cycle", default="kill,create,stop,delete,unload+load",
+                    help="chaos events, in the order they are cycled through")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="results dir (default: a new /tmp/emo-soak-*)")
+    args = ap.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="emo-soak-"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = Path(__file__).resolve().parent.parent / "emo_serve" / "data" / "models" / BASE / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    shm_before = set(os.listdir("/dev/shm")) if Path("/dev/shm").is_dir() else set()
+    proc, server_cmd = start_server(out, port)
+    print(f"[{now()}] results in {out}; server pid {proc.pid}: {' '.join(server_cmd[3:])}", flush=True)
+    st = State(url, proc.pid)
+    stop_info: dict = {}
+    run: dict | None = None
+    try:
+        ready_s = wait_ready(proc, url)
+        print(f"[{now()}] ready after {ready_s:.1f} s", flush=True)
+        run = asyncio.run(drive(st, args, cfg))
+    finally:
+        stop_info = stop_server(proc, proc.pid, out / "state", st.socket_dirs)
+        stop_info["ready_seconds"] = locals().get("ready_s")
+        shm_after = set(os.listdir("/dev/shm")) if Path("/dev/shm").is_dir() else set()
+        stop_info["new_dev_shm_entries"] = sorted(shm_after - shm_before)  # informational: others share /dev/shm
+        # segments that this server's engines mapped and that nobody removed: by how the engine ended
+        stop_info["leaked_shm_segments"] = {n: how for n, how in sorted(st.shm.items()) if n in shm_after}
+        stop_info["shm_segments_seen"] = len(st.shm)
+        with open(out / "requests.jsonl", "w") as f:
+            for r in st.requests:
+                f.write(json.dumps(asdict(r)) + "\n")
+        (out / "chaos.json").write_text(json.dumps(st.events, indent=1))
+        (out / "samples.json").write_text(json.dumps(st.samples, indent=1))
+    cmd = [".venv/bin/python", "bench/soak.py", *sys.argv[1:]]
+    summary = summarize(st, args, run, stop_info, cmd)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print()
+    print(table(summary))
+    print()
+    for key in ("lost_detail", "5xx_other_than_503_detail", "503_unexplained_detail", "unexpected_4xx_detail", "other_stream_error_events",
+                "chaos_failed_or_skipped", "leaked_processes", "leaked_temp_files", "orphans_during_run",
+                "leaked_shm_segments", "new_dev_shm_entries"):
+        if summary.get(key):
+            print(f"{key}: {json.dumps(summary[key], indent=1)[:4000]}")
+    print(f"503 messages: {json.dumps(summary['503_messages'], indent=1)}")
+    print(f"summary: {out / 'summary.json'}")
+    failed = summary["lost_without_error"] or summary["5xx_other_than_503"] or summary["leaked_processes"] \
+        or summary["leaked_temp_files"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
