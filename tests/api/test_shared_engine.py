@@ -50,7 +50,8 @@ PROMPTS = [
     "GNU General Public License as published by",
     "What is 12 plus 30? 12 + 30 = 42. What is 7 times 6? 7 * 6 =",
 ]
-SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "1")
+# Engines are frozen on purpose below; the health probe that would kill one is tested in test_faults.py.
+SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "1", "--probe-interval", "600")
 
 
 @pytest.fixture(scope="module")
@@ -222,17 +223,17 @@ def test_delete_is_refused_while_busy_then_forced(shared: Server, admin: httpx.C
         with httpx.stream("POST", f"{shared.url}/v1/completions", timeout=120,
                           headers={"Authorization": f"Bearer {API_KEY}"},
                           json={"model": "half", "prompt": "def f(", "max_tokens": 400, "ignore_eos": True,
-                                "stream": True}) as r:
+                                "n": 8, "stream": True}) as r:
             for line in r.iter_lines():
                 if line:
                     events.append(line)
                     started.set()
 
+    pid = engine_of_base(admin)["pid"]
     t = threading.Thread(target=stream)
     t.start()
     assert started.wait(60)
-    pid = engine_of_base(admin)["pid"]
-    with frozen(pid):
+    with frozen(pid):  # at once: however fast the demo model is, the stream is still in flight
         assert_error(admin.delete("/v1/subsets/half"), 409, contains="in flight")
         assert_error(admin.post("/v1/subsets/half/unload"), 409, contains="in flight")
         deleting = ThreadPoolExecutor(1).submit(admin.delete, "/v1/subsets/half", params={"force": "true"})
@@ -272,6 +273,10 @@ def test_engine_crash_fails_every_model_then_recovers(shared: Server, admin: htt
     for t in threads:
         t.join(60)
     assert results == {BASE: 503, "pair": 503, "quarter": 503}
+    deadline = time.monotonic() + 30  # the supervisor notices the exit (SIGCHLD) a moment later
+    while engine_of_base(admin)["crashes"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     # The next request restarts the engine; rows are installed again before each subset serves.
     for model in ("pair", BASE, "quarter"):
         check_parity(generate(client, model, PROMPTS[1]), dedicated[model][1], f"{model} after the crash")

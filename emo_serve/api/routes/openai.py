@@ -14,10 +14,15 @@ from ..protocol import ChatCompletionRequest, Completion, CompletionRequest, Mod
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
+# One server-sent event as clients parse it (`data` is a JSON chunk, or `[DONE]` at the end).
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                            "retry": {"type": "integer"}}}
+
 _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": Completion, "description": "the engine's answer; with `stream: true`, "
           "server-sent events ending with `data: [DONE]`",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": SSE_EVENT}}},
     **responses(400, 401, 404, 413, 429, 503, 504),
 }
 
