@@ -36,7 +36,7 @@ from .process import EngineProcess, EngineStartError
 log = logging.getLogger(__name__)
 
 # The plugin's names (emo_vllm.masks); repeated here so the front end never imports vLLM.
-MASK_EXTENSION = "emo_vllm.masks.EmoWorkerExtension"
+WORKER_EXTENSION = "emo_vllm.worker.EmoWorkerExtension"
 ROW_ARG = "emo_subset_row"
 SLOTS_CONFIG = "emo_subset_slots"
 BASE_SALT = "emo-base"
@@ -156,7 +156,7 @@ class SharedPlacement(Placement):
 
     # -- engines -----------------------------------------------------------------------------
     def engine_args(self) -> tuple[str, ...]:
-        return ("--worker-extension-cls", MASK_EXTENSION,
+        return ("--worker-extension-cls", WORKER_EXTENSION,
                 "--additional-config", json.dumps({SLOTS_CONFIG: self.slots}))
 
     def _register(self, engine_id: str, model_dir: str, experts: Experts | None) -> Engine:

@@ -64,7 +64,7 @@ from vllm.sequence import IntermediateTensors
 from emo_serve.config import EmoConfig as RoutingConfig
 from emo_serve.config import LayerRouting
 
-from . import manifest
+from . import manifest, usage
 from .config import EmoConfig
 from .masks import SLOTS_CONFIG, EmoExpertMasks
 
@@ -128,10 +128,14 @@ class EmoSparseMoeBlock(nn.Module):
 
     def __init__(self, config: EmoConfig, routing: LayerRouting, *,
                  quant_config: QuantizationConfig | None = None,
-                 expert_masks: EmoExpertMasks | None = None, prefix: str = "") -> None:
+                 expert_masks: EmoExpertMasks | None = None,
+                 routing_usage: usage.RoutingUsage | None = None, prefix: str = "") -> None:
         super().__init__()
         self.routing = routing
         self.layer_index = extract_layer_index(prefix)
+        # Live routing capture (see usage.py): a Python constant, so a traced forward keeps or
+        # drops the capture op once, at the first trace.
+        self.capture_usage = routing_usage is not None
         # Shared-engine mode (see masks.py): a row of 0 / -inf per subset, added to the router
         # logits of each token by the row its request names. The row index is the model's
         # buffer, held here as a plain attribute so it is not registered once per layer.
@@ -179,6 +183,8 @@ class EmoSparseMoeBlock(nn.Module):
         orig_shape = hidden_states.shape
         hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
         router_logits, _ = self.gate(hidden_states)
+        if self.capture_usage:
+            router_logits = torch.ops.vllm.emo_capture_routing(router_logits, self.layer_index)
         if self.subset_masks is not None and self.token_rows is not None:
             router_logits = router_logits + self.subset_masks[self.token_rows[: router_logits.shape[0]]]
         # Fast path: the shared logit is dropped; softmax over one logit is 1.0.
@@ -236,7 +242,8 @@ class EmoAttention(nn.Module):
 
 class EmoDecoderLayer(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, routing: LayerRouting,
-                 expert_masks: EmoExpertMasks | None = None, prefix: str = "") -> None:
+                 expert_masks: EmoExpertMasks | None = None,
+                 routing_usage: usage.RoutingUsage | None = None, prefix: str = "") -> None:
         super().__init__()
         config: EmoConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
@@ -250,7 +257,10 @@ class EmoDecoderLayer(nn.Module):
                               quant_config=quant_config, prefix=f"{prefix}.mlp")
         else:
             self.mlp = EmoSparseMoeBlock(config, routing, quant_config=quant_config,
-                                         expert_masks=expert_masks, prefix=f"{prefix}.mlp")
+                                         expert_masks=expert_masks, routing_usage=routing_usage,
+                                         prefix=f"{prefix}.mlp")
+            if routing_usage is not None:
+                routing_usage.add_block(self.mlp.layer_index, self.mlp)
         self.pre_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -273,9 +283,11 @@ class EmoModel(nn.Module):
         config: EmoConfig = vllm_config.model_config.hf_config
         self.config = config
         self.routing: RoutingConfig = config.routing_config()
-        slots = int((vllm_config.additional_config or {}).get(SLOTS_CONFIG, 0))
-        self.expert_masks = (EmoExpertMasks(slots, vllm_config.scheduler_config.max_num_batched_tokens)
-                             if slots > 0 else None)
+        extra = vllm_config.additional_config or {}
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        slots = int(extra.get(SLOTS_CONFIG, 0))
+        self.expert_masks = EmoExpertMasks(slots, max_tokens) if slots > 0 else None
+        routing_usage = usage.enable(max_tokens) if extra.get(usage.USAGE_CONFIG) else None
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.embed_tokens")
@@ -283,7 +295,7 @@ class EmoModel(nn.Module):
             config.num_hidden_layers,
             lambda prefix: EmoDecoderLayer(
                 vllm_config=vllm_config, prefix=prefix, expert_masks=self.expert_masks,
-                routing=self.routing.layer_routing(extract_layer_index(prefix))),
+                routing_usage=routing_usage, routing=self.routing.layer_routing(extract_layer_index(prefix))),
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

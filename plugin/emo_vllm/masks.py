@@ -11,16 +11,12 @@ one continuous batch. This is vLLM's LoRA path applied to routing:
   (`[max_num_batched_tokens]`), read by every MoE layer. They are filled in place and never
   replaced, so a traced or graph-captured model sees the new values (a Python value read in
   `forward()` would be frozen by Dynamo at the first trace);
-* the model runner turns each scheduled request's row (`SamplingParams.extra_args`, filled by
+* the model runner (`runner_hook`) turns each scheduled request's row (`SamplingParams.extra_args`, filled by
   the OpenAI server from the body's `vllm_xargs`) into the per-token index once per step, right
   after `_prepare_inputs` computed the token -> batch-row map (`req_indices`), as
   `set_active_loras` does for adapters;
 * rows are installed and cleared by control calls between steps (`collective_rpc` to the
-  methods of `EmoWorkerExtension`), never inside a forward.
-
-The runner hook relies on internals of vLLM's V1 model runner (the one the CPU platform runs);
-`check_runner` names the one that is missing if they change, and `SUPPORTED_VLLM` pins the
-version the hook was written and tested against.
+  methods of `MaskControl`, part of `emo_vllm.worker.EmoWorkerExtension`), never inside a forward.
 """
 
 from __future__ import annotations
@@ -34,15 +30,14 @@ import torch
 from torch import nn
 from vllm.logger import init_logger
 
+from .runner_hook import extra_args, on_each_step
+
 logger = init_logger("vllm.emo_vllm.masks")
 
-SUPPORTED_VLLM = "0.32.0"
 # The request field (inside `vllm_xargs` / `SamplingParams.extra_args`) naming the mask row.
 ROW_ARG = "emo_subset_row"
 # vLLM's `--additional-config` key that turns masks on and sizes the table (rows incl. row 0).
 SLOTS_CONFIG = "emo_subset_slots"
-# What the hook reads of the runner, checked before it is installed.
-RUNNER_INTERNALS = ("_prepare_inputs", "req_indices", "input_batch", "requests", "get_model")
 
 
 class EmoExpertMasks(nn.Module):
@@ -71,48 +66,24 @@ def masks_of(model: nn.Module) -> tuple[EmoExpertMasks, dict[int, torch.Tensor]]
     return found[0], tables
 
 
-def check_runner(runner: Any) -> None:
-    """Fail loudly, naming the internal, if vLLM's runner no longer has what the hook reads."""
-    missing = [name for name in RUNNER_INTERNALS if not hasattr(runner, name)]
-    if not hasattr(getattr(runner, "input_batch", None), "req_ids"):
-        missing.append("input_batch.req_ids")
-    if not hasattr(getattr(runner, "req_indices", None), "np"):
-        missing.append("req_indices.np")
-    if missing:
-        raise RuntimeError(f"emo-vllm's expert-mask hook was written for vLLM {SUPPORTED_VLLM}'s V1 "
-                           f"model runner; {type(runner).__name__} lacks {', '.join(missing)}")
-
-
 def install_row_hook(runner: Any, masks: EmoExpertMasks) -> None:
-    """Wrap the runner's `_prepare_inputs` so that every step fills `masks.token_rows`."""
-    if getattr(runner, "_emo_masks_hooked", False):
-        return
-    check_runner(runner)
+    """Fill `masks.token_rows` every step with the row each scheduled token's request names."""
     if masks.token_rows.device.type != "cpu":
         # The CPU runner's buffers are host memory, written in place; a GPU needs a pinned host
         # copy and a device copy filled before CUDA-graph replay (and GPUs run Model Runner V2).
         raise RuntimeError(f"emo-vllm's expert masks support the CPU runner only, not {masks.token_rows.device}")
-    prepare = runner._prepare_inputs
     rows_np = masks.token_rows.numpy()  # CPU buffer: a view, written in place
 
-    def _prepare_inputs(scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
-        out = prepare(scheduler_output, num_scheduled_tokens)
-        num_tokens = int(scheduler_output.total_num_scheduled_tokens)
-        batch = runner.input_batch
-        req_rows = np.fromiter((request_row(runner.requests[r], masks) for r in batch.req_ids[: batch.num_reqs]),
-                               dtype=np.int64, count=batch.num_reqs)
-        rows_np[:num_tokens] = req_rows[runner.req_indices.np[:num_tokens]]
-        return out
+    def fill(states: Sequence[Any], token_batch_rows: np.ndarray) -> None:
+        req_rows = np.fromiter((request_row(s, masks) for s in states), dtype=np.int64, count=len(states))
+        rows_np[: len(token_batch_rows)] = req_rows[token_batch_rows]
 
-    runner._prepare_inputs = _prepare_inputs
-    runner._emo_masks_hooked = True
+    on_each_step(runner, "masks", fill)
 
 
 def request_row(state: Any, masks: EmoExpertMasks) -> int:
     """A request's mask row; 0 (unmasked) when it names none, or one that is not installed."""
-    params = getattr(state, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    row = extra.get(ROW_ARG, 0)
+    row = extra_args(state).get(ROW_ARG, 0)
     if not isinstance(row, int) or row not in masks.installed:
         if row:
             logger.warning("request %s names mask row %r, which is not installed; routing unmasked",
@@ -121,12 +92,8 @@ def request_row(state: Any, masks: EmoExpertMasks) -> int:
     return row
 
 
-class EmoWorkerExtension:
-    """Control calls on each worker (`--worker-extension-cls emo_vllm.masks.EmoWorkerExtension`).
-
-    The OpenAI server's `/collective_rpc` passes string arguments only; each method parses its
-    own JSON. Utility calls run between engine steps, so they never race a forward.
-    """
+class MaskControl:
+    """The worker's mask control calls (mixed into `emo_vllm.worker.EmoWorkerExtension`)."""
 
     model_runner: Any
 
@@ -170,5 +137,4 @@ class EmoWorkerExtension:
         return {str(r): k for r, k in sorted(masks.installed.items())}
 
 
-__all__ = ["EmoExpertMasks", "EmoWorkerExtension", "ROW_ARG", "SLOTS_CONFIG", "SUPPORTED_VLLM",
-           "check_runner", "install_row_hook", "masks_of"]
+__all__ = ["EmoExpertMasks", "MaskControl", "ROW_ARG", "SLOTS_CONFIG", "install_row_hook", "masks_of"]

@@ -1,6 +1,7 @@
-"""The shared engine's runner hook (emo_vllm.masks) reads internals of vLLM's V1 model runner.
-These checks fail loudly, naming the internal, when an upgrade of vLLM changes one of them; the
-engine tests (tests/api/test_shared_engine.py) then show whether the hook still routes right."""
+"""The runner hook (emo_vllm.runner_hook, used by the expert masks and the routing capture) reads
+internals of vLLM's V1 model runner. These checks fail loudly, naming the internal, when an upgrade
+of vLLM changes one of them; the engine tests (tests/api/test_shared_engine.py,
+tests/api/test_routing.py) then show whether the hook still routes and counts right."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 import importlib.metadata
 import inspect
 
-from emo_vllm import masks
+from emo_vllm import runner_hook
 
 
 def installed_vllm() -> str:
@@ -21,8 +22,8 @@ def installed_vllm() -> str:
 
 
 def test_the_hook_is_pinned_to_the_installed_vllm() -> None:
-    assert installed_vllm() == masks.SUPPORTED_VLLM, (
-        f"emo_vllm.masks was written for vLLM {masks.SUPPORTED_VLLM}, vLLM {installed_vllm()} is installed: "
+    assert installed_vllm() == runner_hook.SUPPORTED_VLLM, (
+        f"emo_vllm.runner_hook was written for vLLM {runner_hook.SUPPORTED_VLLM}, vLLM {installed_vllm()} is installed: "
         "re-check the runner internals below and the shared-engine tests, then update SUPPORTED_VLLM")
 
 
@@ -58,3 +59,16 @@ def test_openai_protocol_passes_vllm_xargs_to_extra_args() -> None:
 
     source = inspect.getsource(CompletionRequest)
     assert "vllm_xargs" in source and "extra_args" in source
+
+
+def test_custom_op_registration_helper() -> None:
+    """The routing capture registers `torch.ops.vllm.emo_capture_routing` through vLLM's helper."""
+    import torch
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    params = list(inspect.signature(direct_register_custom_op).parameters)
+    assert params[:4] == ["op_name", "op_func", "mutates_args", "fake_impl"], \
+        f"vllm.utils.torch_utils.direct_register_custom_op takes {params}"
+    from emo_vllm import usage  # noqa: F401  (importing it registers the op)
+
+    assert hasattr(torch.ops.vllm, "emo_capture_routing")
