@@ -3,10 +3,15 @@ one process (tests) don't collide; `/metrics` renders it in the text exposition 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .usage import Tally
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
@@ -37,6 +42,10 @@ class Metrics:
         self.profiling = Histogram("emo_subset_profiling_seconds", "Seconds to profile and write a subset",
                                    ["method"], buckets=LOAD_BUCKETS, registry=r)
 
+    def routing_source(self, source: Callable[[], Iterable[tuple[str, Tally]]]) -> None:
+        """Expose each model's mass outside its subset (from the routing book) as a histogram."""
+        self.registry.register(_MassOutside(source))
+
     def observe_usage(self, model: str, usage: dict | None) -> None:
         if not isinstance(usage, dict):
             return
@@ -54,3 +63,28 @@ class Metrics:
         for hook in self._before_render:
             hook()
         return generate_latest(self.registry)
+
+
+class _MassOutside:
+    """`emo_routing_mass_outside`: per token, the share of the full router's top-k weight that
+    its model's subset masks out (mean over MoE layers), as counted in the engines. Labels: the
+    model only (never an expert)."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, Tally]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily("emo_routing_mass_outside",
+                                       "Share of the full router's top-k weight per token on experts outside "
+                                       "the model's subset",
+                                       labels=["model"])
+        for model, tally in self.source():
+            if not tally.outside_tokens:
+                continue
+            cumulative, buckets = 0, []
+            for bound, count in zip(tally.bounds, tally.hist.tolist()):
+                cumulative += count
+                buckets.append((repr(float(bound)), cumulative))
+            buckets.append(("+Inf", tally.outside_tokens))
+            family.add_metric([model], buckets, sum_value=tally.outside_sum)
+        yield family

@@ -25,7 +25,14 @@ if TYPE_CHECKING:  # the profiler imports torch; plotting a manifest should not 
 def heatmap(path: str | os.PathLike[str], *, scores: Sequence[Sequence[float]] | None,
             kept: Sequence[Sequence[int]] | None, shared: Sequence[Sequence[int]], title: str,
             experts_per_layer: Sequence[int]) -> None:
-    """Write a PNG: rows are layers, columns expert ids. With `scores`, colour is each routed
+    """Write `heatmap_png` to `path` atomically."""
+    atomic_write_bytes(path, heatmap_png(scores=scores, kept=kept, shared=shared, title=title,
+                                         experts_per_layer=experts_per_layer))
+
+
+def heatmap_png(*, scores: Sequence[Sequence[float]] | None, kept: Sequence[Sequence[int]] | None,
+                shared: Sequence[Sequence[int]], title: str, experts_per_layer: Sequence[int]) -> bytes:
+    """A PNG: rows are layers, columns expert ids. With `scores`, colour is each routed
     expert's score relative to its layer's best (layers then compare); without, kept = 1.
     Shared experts (always kept) and missing ids (dense layers, smaller layers) are blank; kept
     experts get a dot."""
@@ -66,7 +73,7 @@ def heatmap(path: str | os.PathLike[str], *, scores: Sequence[Sequence[float]] |
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def plot_profile(path: str | os.PathLike[str], *, scores: Scores | None = None,

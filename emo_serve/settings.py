@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where engines and profiling run (auto: cuda if there is a GPU)")
     engine_start_timeout: float = Field(600.0, gt=0, description="seconds an engine may take to become healthy")
+    routing_capture: bool = Field(True, description="count each model's (and each OpenAI `user`'s) expert "
+                                  "routing in the engines: /v1/models/{id}/routing, subset drift, subsets from "
+                                  "traffic, engine-side profiling")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
     # Limits and tuning: all have safe defaults.
     engine_args: Annotated[list[str], NoDecode] = Field(
@@ -104,6 +107,10 @@ class Settings(BaseSettings):
                                    json_schema_extra=_TUNING)
     max_profiling_jobs: int = Field(8, ge=1, description="profiling jobs queued or running at once (429 beyond)",
                                     json_schema_extra=_TUNING)
+    routing_interval: float = Field(5.0, gt=0, le=3600, description="seconds between collections of the "
+                                    "engines' routing counters", json_schema_extra=_TUNING)
+    routing_retention: float = Field(3600.0, ge=60, le=7 * 86400, description="seconds of routing history kept "
+                                     "in time buckets (the largest `window`)", json_schema_extra=_TUNING)
     # Supervision and timeouts (a hung engine or a client that stops reading must not hold a slot).
     probe_interval: float = Field(10.0, gt=0, description="seconds between health probes of each ready engine",
                                   json_schema_extra=_TUNING)

@@ -74,6 +74,7 @@ class SubsetStore:
         self.base, self.base_id = base, base_id
         self.subsets_dir = state_dir / "subsets"
         self.materialized_dir = state_dir / "materialized"
+        self.usage_dir = state_dir / "usage"  # routing counters per model (api/routing.py)
         self.subsets_dir.mkdir(parents=True, exist_ok=True)
         self.materialized_dir.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, SubsetRecord] = {}
@@ -94,6 +95,10 @@ class SubsetStore:
 
     def model_dir(self, name: str) -> Path:
         return self._child(self.materialized_dir, name)
+
+    def usage_path(self, name: str) -> Path:
+        """The routing counters of a subset (or of the base), kept beside its manifest."""
+        return self._child(self.usage_dir, name, MANIFEST_SUFFIX)
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, name: str) -> SubsetRecord:
@@ -231,6 +236,7 @@ class SubsetStore:
 
     def delete_files(self, name: str) -> None:
         self.manifest_path(name).unlink(missing_ok=True)
+        self.usage_path(name).unlink(missing_ok=True)
         target = self.model_dir(name)
         if target.exists():
             shutil.rmtree(target)

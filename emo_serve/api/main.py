@@ -13,7 +13,7 @@ from ..settings import Settings
 from . import errors
 from .deps import ApiKey
 from .middleware import RequestContext
-from .routes import health, openai, subsets
+from .routes import health, openai, routing, subsets
 from .service import EmoService
 from .serving import OpenAIServing
 
@@ -36,6 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(openai.router, dependencies=[ApiKey])
     app.include_router(subsets.router, dependencies=[ApiKey])
+    app.include_router(routing.router, dependencies=[ApiKey])
     app.include_router(health.router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
                        max_header_bytes=settings.max_header_bytes, allowed_hosts=settings.host_allowlist)

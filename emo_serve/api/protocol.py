@@ -121,8 +121,21 @@ class ChatExample(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
 
 
+class FromTraffic(BaseModel):
+    """Learn a subset from the routing counted on live traffic (no examples)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256, description="the base or a subset whose traffic to learn from")
+    user: str | None = Field(None, min_length=1, max_length=256,
+                             description="only requests whose OpenAI `user` field was this")
+    min_tokens: int = Field(1, ge=1, description="refuse (400) when fewer tokens were observed")
+    window: float | None = Field(None, description="only the last `window` seconds of traffic "
+                                 "(default: all of it; not with `user`)")
+
+
 class SubsetCreate(BaseModel):
-    """Either explicit expert ids, or examples plus how many experts to keep."""
+    """Explicit expert ids, task examples, or observed traffic; with the latter two, how many
+    experts to keep."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -132,6 +145,8 @@ class SubsetCreate(BaseModel):
         "layer (shared experts are always kept)")
     examples: list[str | TextExample | ChatExample] | None = Field(
         None, min_length=1, description="task examples: strings, {'text'} or {'messages'}")
+    from_traffic: FromTraffic | None = Field(
+        None, description="keep the experts that a model's observed traffic (or one user's) routed to most")
     size: int | None = Field(None, ge=1, description="routed experts kept per layer")
     fraction: float | None = Field(None, gt=0, le=1, description="share of each layer's routed experts")
     sizes: list[int] | None = Field(None, description="routed experts kept, per layer")
@@ -157,10 +172,15 @@ class SubsetCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_way(self) -> SubsetCreate:
-        if (self.experts is None) == (self.examples is None):
-            raise ValueError("give exactly one of `experts` or `examples`")
+        if sum(x is not None for x in (self.experts, self.examples, self.from_traffic)) != 1:
+            raise ValueError("give exactly one of `experts`, `examples` or `from_traffic`")
         sizing = sum(x is not None for x in (self.size, self.fraction, self.sizes, self.max_loss_increase,
                                              self.budget))
+        if self.from_traffic is not None:
+            if sizing != 1 or self.max_loss_increase is not None:
+                raise ValueError("with `from_traffic`, give exactly one of `size`, `fraction`, `sizes` or `budget`")
+            if self.method not in ("usage", "frequency"):
+                raise ValueError("with `from_traffic`, `method` is `usage` (router mass) or `frequency` (top-k share)")
         if self.examples is not None and sizing != 1:
             raise ValueError("with `examples`, give exactly one of `size`, `fraction`, `sizes`, "
                              "`max_loss_increase` or `budget`")
@@ -176,6 +196,21 @@ class SubsetCreate(BaseModel):
 class ExpertCounts(BaseModel):
     subset: int
     base: int
+
+
+class Drift(BaseModel):
+    """How far a subset's traffic strays from its experts, as counted in the engine."""
+
+    mass_outside: float | None = Field(description="per token, the share of the base router's routed top-k "
+                                       "weight that falls on experts the subset dropped (what the full router "
+                                       "would have given them), averaged over MoE layers, then over tokens: 0 = "
+                                       "the traffic routes as the subset does; null before any token was measured")
+    tokens: int = Field(description="tokens measured")
+    window: float | None = Field(None, description="seconds looked back (null: all time)")
+    router: Literal["full", "partial", "none"] = Field(
+        description="full: the engine holds the base's whole router (the base is served), so the mass is "
+        "exact; partial: a shared engine holding a union of subsets (mass over its experts only); none: "
+        "a dedicated engine, whose router has only the subset's experts (no drift measured)")
 
 
 class SubsetObject(BaseModel):
@@ -202,6 +237,36 @@ class SubsetObject(BaseModel):
     error: str | None = None
     engine: dict[str, Any] | None = None
     engine_id: str | None = Field(None, description="the vLLM engine serving this subset")
+    drift: Drift | None = Field(None, description="null when routing capture is off")
+    scored_by: str | None = Field(None, description="what scored the experts: `engine` (a live engine's "
+                                  "prefill), `traffic` (observed requests) or `profiler` (layer-streamed)")
+
+
+class LayerRoutingStats(BaseModel):
+    layer: int
+    tokens: int = Field(description="tokens routed at this layer")
+    counts: list[int] = Field(description="per base expert id: tokens whose top-k held it")
+    mass: list[float] = Field(description="per base expert id: mean router probability over the tokens")
+    kept: list[int] | None = Field(None, description="a subset's experts at this layer")
+
+
+class DriftPoint(BaseModel):
+    start: float = Field(description="bucket start, seconds since the epoch")
+    mass_outside: float | None
+    tokens: int
+
+
+class ModelRouting(BaseModel):
+    object: Literal["model.routing"] = "model.routing"
+    model: str
+    kind: Literal["base", "subset"]
+    window: float | None
+    user: str | None
+    since: float | None = Field(description="when counting began for this model (seconds since the epoch)")
+    tokens: int
+    layers: list[LayerRoutingStats]
+    drift: Drift | None
+    drift_series: list[DriftPoint] = Field(description="mass outside per time bucket over the retention")
 
 
 class SubsetList(BaseModel):

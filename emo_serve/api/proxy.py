@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ..engines import Lease, ModelUnavailable
 from ..engines.manager import UpstreamTimeout
-from ..engines.placement import ROW_ARG
+from ..engines.placement import MODEL_ARG, ROW_ARG, USER_ARG
 from ..metrics import Metrics
 from .errors import error_body
 
@@ -87,16 +87,24 @@ def _close(upstream: aiohttp.ClientResponse, *, finished: bool) -> None:
         upstream.close()
 
 
+_OURS = (ROW_ARG, MODEL_ARG, USER_ARG)
+
+
 def engine_payload(payload: dict[str, Any], lease: Lease) -> dict[str, Any]:
-    """The body as the engine must see it: the engine's own model name, and on a shared engine
+    """The body as the engine must see it: the engine's own model name, whose tokens these are
+    (the model asked for and the OpenAI `user`, for the routing counters), and on a shared engine
     the subset's mask row and cache salt. What the client put in those places cannot select
-    another model's row or share its prefix-cache blocks: the row is always ours, and the salt
-    is ours with the client's appended (so a client's own salt still isolates its requests)."""
+    another model's row, count as another model or user, or share another model's prefix-cache
+    blocks: those fields are always ours, and the salt is ours with the client's appended (so a
+    client's own salt still isolates its requests)."""
     out = {**payload, "model": lease.served_name}
-    xargs = {k: v for k, v in (payload.get("vllm_xargs") or {}).items() if k != ROW_ARG}
+    xargs = {k: v for k, v in (payload.get("vllm_xargs") or {}).items() if k not in _OURS}
     xargs.update(lease.extra)
-    if xargs or "vllm_xargs" in payload:
-        out["vllm_xargs"] = xargs
+    xargs[MODEL_ARG] = lease.model
+    user = payload.get("user")
+    if isinstance(user, str) and user:
+        xargs[USER_ARG] = user
+    out["vllm_xargs"] = xargs
     if lease.salt is not None:
         client = payload.get("cache_salt")
         out["cache_salt"] = f"{lease.salt}:{client}" if client else lease.salt

@@ -29,18 +29,38 @@ from ..engines import (
     UnknownModel,
     engine_platform,
 )
-from ..engines.manager import Probe
-from ..errors import Busy, SubsetError, Unavailable
-from ..examples import load_examples
+from ..engines.manager import Engine, Probe
+from ..engines.placement import USAGE_CONFIG
+from ..engines.process import EngineProcess
+from ..errors import Busy, InvalidInput, NotFound, SubsetError, Unavailable
+from ..examples import Example, load_examples
 from ..export import materialize_subset
 from ..metrics import Metrics
+from ..plot import heatmap_png
 from ..selection import SelectionRequest
 from ..settings import Settings, derive_model_id
 from ..store import SubsetNotFound, SubsetRecord, SubsetState, SubsetStore
 from ..subset import SubsetSpec, make_subset
+from ..usage import NotEnoughTraffic, Tally, UsageBook, budget_sizes, check_window
+from . import live_scores
 from .jobs import ProfilingJobs
-from .protocol import EmoModelInfo, ExpertCounts, ModelCard, ModelList, Readiness, SubsetCreate, SubsetObject, Version
+from .protocol import (
+    Drift,
+    DriftPoint,
+    EmoModelInfo,
+    ExpertCounts,
+    FromTraffic,
+    LayerRoutingStats,
+    ModelCard,
+    ModelList,
+    ModelRouting,
+    Readiness,
+    SubsetCreate,
+    SubsetObject,
+    Version,
+)
 from .proxy import RelayTimeouts
+from .routing import RoutingCollector
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +89,12 @@ class SubsetUnavailable(ModelUnavailable):
     pass
 
 
+class RoutingCaptureOff(NotFound):
+    """Routing statistics were asked for on a server started with --no-routing-capture."""
+
+    code = "routing_capture_off"
+
+
 class EmoService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -84,6 +110,7 @@ class EmoService:
         self._startup_models: list[str] = []
         self._ever_ready: set[str] = set()
         self._tokenizer: Any = None
+        self.routing: RoutingCollector | None = None
         self._prepared = False
         self._base_dir: str | None = None
 
@@ -128,13 +155,22 @@ class EmoService:
                                      on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc(),
                                      probe=Probe(s.probe_interval, s.probe_timeout, s.probe_misses))
         self.relay_timeouts = RelayTimeouts(s.upstream_read_timeout, s.upstream_idle_timeout, s.client_send_timeout)
+        engine_config: dict[str, object] = {USAGE_CONFIG: True} if s.routing_capture else {}
         if self.engine_mode == "shared":  # decided in prepare()
-            shared = SharedPlacement(self.engines, slots=s.subset_slots, make_engine_dir=self._engine_dir,
-                                     num_layers=self.base.config.num_hidden_layers)
-            self.engines.set_on_started(shared.on_started)
-            self.placement = shared
+            self.placement = SharedPlacement(self.engines, slots=s.subset_slots, make_engine_dir=self._engine_dir,
+                                             num_layers=self.base.config.num_hidden_layers,
+                                             engine_config=engine_config)
         else:
-            self.placement = DedicatedPlacement(self.engines)
+            self.placement = DedicatedPlacement(self.engines, engine_config=engine_config)
+        if s.routing_capture:
+            book = UsageBook(self.base.config.experts_per_layer, retention=s.routing_retention,
+                             bucket=max(10.0, s.routing_interval))
+            self.routing = RoutingCollector(book, self.engines, self.placement, interval=s.routing_interval,
+                                            path_of=self.registry.usage_path, known=self._counted)
+            await asyncio.to_thread(self.routing.load, [self.base_id, *self.registry.records])
+            self.metrics.routing_source(lambda: [(m, u.total) for m, u in book.models.items()])
+            self.routing.start()
+        self.engines.set_on_started(self._on_engine_started)
         self.metrics.engines_loaded.set_function(lambda: self.engines.loaded_count)
         self.metrics.on_render(self._engine_gauges)
         if self._base_dir is not None:
@@ -194,9 +230,22 @@ class EmoService:
                 n = self.placement.resident_experts(engine_id)
                 self.metrics.resident_experts.labels(engine_id).set(total if n is None else n)
 
+    async def _on_engine_started(self, engine: Engine, proc: EngineProcess) -> None:
+        """Before an engine is marked ready: its mask hook (shared engines), its routing counters."""
+        if isinstance(self.placement, SharedPlacement):
+            await self.placement.on_started(engine, proc)
+        if self.routing is not None:
+            await self.routing.attach(engine, proc)
+
+    def _counted(self, model: str) -> bool:
+        """Whether drained counters for `model` belong in the book (the base and live subsets)."""
+        return model == self.base_id or model in self.registry.records
+
     async def stop(self) -> None:
         if hasattr(self, "jobs"):
             self.jobs.close()
+        if self.routing is not None:
+            await self.routing.stop()
         if hasattr(self, "engines"):
             await self.engines.shutdown(self.settings.drain_timeout)
 
@@ -294,7 +343,7 @@ class EmoService:
         state = self.placement.model_state(r.name)
         return _ENGINE_TO_SUBSET.get(state, SubsetState.READY) if state else SubsetState.READY
 
-    def subset(self, name: str) -> SubsetObject:
+    def subset(self, name: str, *, window: float | None = None) -> SubsetObject:
         r = self.registry.get(name)
         engine = self.placement.engine_of(name)
         state = self._subset_state(r)
@@ -303,9 +352,11 @@ class EmoService:
                            base_fingerprint=self.base.fingerprint, error=error,
                            profile_seconds=r.profile_seconds,
                            engine=engine.info() if engine and engine.state is not EngineState.STOPPED else None,
-                           engine_id=engine.model_id if engine else None)
+                           engine_id=engine.model_id if engine else None,
+                           drift=self.drift(name, window))
         if r.spec is not None and r.sizes is not None:
             p = r.spec.provenance
+            out.scored_by = (p.details or {}).get("scored_by") or ("profiler" if p.example_fingerprints else None)
             out.experts, out.experts_per_layer = r.spec.experts, [len(e) for e in r.spec.experts]
             out.params = ExpertCounts(subset=r.sizes["subset_params"], base=r.sizes["base_params"])
             out.bytes = ExpertCounts(subset=r.sizes["subset_bytes"], base=r.sizes["base_bytes"])
@@ -334,17 +385,23 @@ class EmoService:
             # pydantic parsed one of the two shapes `experts` allows; `flat` says which.
             routed = cast(list[list[int]], [list(req.experts)] * n if flat else req.experts)
             spec = make_subset(self.base, [list(ids) for ids in routed], req.name)
-            record = await self._build_explicit(spec)
+            record = await self._build_now(spec, {"method": "explicit"})
+            await self._subset_ready(record, load=req.load)
+            return True, self.subset(req.name)
+        if req.from_traffic is not None:
+            spec = await self._subset_from_traffic(req, req.from_traffic)
+            record = await self._build_now(spec, {"method": req.method, "from_traffic": req.from_traffic.model})
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
         s = self.settings
         examples = load_examples(req.example_items(), max_examples=s.max_examples, max_chars=s.max_example_chars)
-        device = s.device if s.device != "auto" else ("cuda" if engine_platform() == "cuda" else "cpu")
-        request = SelectionRequest(
-            method=req.method, size=req.size, fraction=req.fraction,
-            sizes=tuple(req.sizes) if req.sizes is not None else None, max_loss_increase=req.max_loss_increase,
-            budget=req.budget, folds=req.folds, device=device, dtype="float32" if device == "cpu" else "bfloat16",
-            max_tokens_per_example=req.max_tokens_per_example, seed=req.seed)
+        live = await self._subset_from_live_engine(req, examples)
+        if live is not None:
+            record = await self._build_now(live, {"method": req.method, "example_fingerprints":
+                                                  [ex.fingerprint for ex in examples]})
+            await self._subset_ready(record, load=req.load)
+            return True, self.subset(req.name)
+        request = self._selection(req)
         request.check(self.base.config)  # a request the base can't satisfy is a 400 now, not a failure later
         load = req.load
 
@@ -355,10 +412,20 @@ class EmoService:
                         on_seconds=lambda m, sec: self.metrics.profiling.labels(m).observe(sec))
         return False, self.subset(req.name)
 
-    async def _build_explicit(self, spec: SubsetSpec) -> SubsetRecord:
-        """Write a subset of explicit ids off the event loop (materializing reads the base's
-        config and tokenizer, perhaps remotely); the name is held meanwhile, as while profiling."""
-        record = self.registry.begin(spec.name, {"method": "explicit", "examples": 0, "example_fingerprints": []})
+    def _selection(self, req: SubsetCreate) -> SelectionRequest:
+        s = self.settings
+        device = s.device if s.device != "auto" else ("cuda" if engine_platform() == "cuda" else "cpu")
+        return SelectionRequest(
+            method=req.method, size=req.size, fraction=req.fraction,
+            sizes=tuple(req.sizes) if req.sizes is not None else None, max_loss_increase=req.max_loss_increase,
+            budget=req.budget, folds=req.folds, device=device, dtype="float32" if device == "cpu" else "bfloat16",
+            max_tokens_per_example=req.max_tokens_per_example, seed=req.seed)
+
+    async def _build_now(self, spec: SubsetSpec, job: dict[str, Any]) -> SubsetRecord:
+        """Write a subset chosen without a profiling job, off the event loop (materializing reads
+        the base's config and tokenizer, perhaps remotely); the name is held meanwhile, as while
+        profiling."""
+        record = self.registry.begin(spec.name, {"examples": 0, "example_fingerprints": [], **job})
         staging = self.registry.staging_dir(spec.name)
         try:
             built = await asyncio.to_thread(self.registry.build, spec, save=False, model_dir=staging)
@@ -372,6 +439,141 @@ class EmoService:
             if staging.exists():
                 await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
         return record
+
+    # -- subsets from live routing --------------------------------------------------------------
+    def _routing_on(self) -> RoutingCollector:
+        if self.routing is None:
+            raise RoutingCaptureOff("routing capture is off on this server (--no-routing-capture)")
+        return self.routing
+
+    def _live_engine(self, method: str, request: SelectionRequest) -> Engine | None:
+        """A ready engine holding all of the base's experts and counting routing, when the request
+        can be scored there (`usage`/`frequency` with a given size)."""
+        if self.routing is None or method not in ("usage", "frequency") or request.by_quality:
+            return None
+        engine = self.placement.engine_of(self.base_id)
+        if (engine is None or engine.state is not EngineState.READY or engine.model_id not in self.routing.attached
+                or self.placement.local_ids(engine.model_id) is not None):
+            return None
+        return engine
+
+    async def _subset_from_live_engine(self, req: SubsetCreate, examples: list[Example]) -> SubsetSpec | None:
+        """Score the examples in the running base engine (see `live_scores`); None when no such
+        engine is up, or an example is longer than the engine's context (the profiler then runs)."""
+        request = self._selection(req)
+        request.check(self.base.config)
+        if self.routing is None or self._live_engine(req.method, request) is None:
+            return None
+        sequences, warnings = await asyncio.to_thread(live_scores.tokenize, self.base, examples,
+                                                      req.max_tokens_per_example)
+        if max(len(ids) for ids in sequences) >= self.max_model_len:
+            return None
+        lease = await self.placement.acquire(self.base_id)
+        try:
+            scores = await live_scores.score_in_engine(
+                lease, self.routing, self.base, examples, sequences, warnings, method=req.method,
+                dtype=self._engine_dtype(), timeout=self.settings.upstream_read_timeout)
+        finally:
+            lease.release()
+        spec = scores.to_subset(req.size, fraction=req.fraction, sizes=req.sizes, name=req.name, checkpoint=self.base)
+        spec.provenance.details["scored_by"] = "engine"
+        return spec
+
+    async def _subset_from_traffic(self, req: SubsetCreate, source: FromTraffic) -> SubsetSpec:
+        """The experts `source.model`'s observed traffic (or one user's) routed to most."""
+        collector = self._routing_on()
+        if not self._counted(source.model):
+            raise UnknownModel(source.model, param="from_traffic.model")
+        window = check_window(source.window, self.settings.routing_retention, param="from_traffic.window")
+        if window is not None and source.user is not None:
+            raise InvalidInput("from_traffic: give `window` or `user`, not both (users are counted over all time)",
+                               param="from_traffic.window")
+        await collector.collect()
+        tally = collector.book.tally(source.model, window=window, user=source.user, now=time.time())
+        if source.user is not None and tally.seen == 0:
+            raise NotEnoughTraffic(f"no traffic from user {source.user!r} to `{source.model}` has been observed",
+                                   param="from_traffic.user")
+        if tally.seen < source.min_tokens:
+            raise NotEnoughTraffic(f"{tally.seen} tokens of traffic to `{source.model}` observed"
+                                   + (f" from user {source.user!r}" if source.user else "")
+                                   + f", fewer than min_tokens {source.min_tokens}")
+        scores = live_scores.scores_from_tally(self.base, tally, req.method, dtype=self._engine_dtype())
+        sizes = req.sizes
+        if req.budget is not None:
+            routed = scores.routed
+            if not sum(1 for r in routed if r) <= req.budget <= sum(len(r) for r in routed):
+                raise SubsetError(f"budget {req.budget} must be between the MoE layers' count and their routed "
+                                  "experts' total", param="budget")
+            sizes = budget_sizes(scores.scores, routed, req.budget)
+        spec = scores.to_subset(req.size, fraction=req.fraction, sizes=sizes, name=req.name, checkpoint=self.base)
+        spec.provenance.details.update(scored_by="traffic", from_traffic={
+            "model": source.model, "user": source.user, "window": window, "tokens": tally.seen})
+        return spec
+
+    def _engine_dtype(self) -> str:
+        return self.settings.dtype if self.settings.dtype != "auto" else str(self.base.config.torch_dtype or "auto")
+
+    # -- routing statistics --------------------------------------------------------------------
+    def _router(self, model: str) -> str:
+        """How much of the base's router the model's engine holds (see `Drift.router`)."""
+        engine = self.placement.engine_of(model)
+        if not isinstance(self.placement, SharedPlacement):
+            return "none"
+        if engine is None:
+            return "full" if self.settings.serve_base else "partial"
+        return "full" if self.placement.local_ids(engine.model_id) is None else "partial"
+
+    def drift(self, name: str, window: float | None = None) -> Drift | None:
+        if self.routing is None:
+            return None
+        tally = self.routing.book.tally(name, window=window, now=time.time())
+        router = self._router(name)
+        return Drift(mass_outside=tally.drift if router != "none" else None, tokens=tally.seen, window=window,
+                     router=router)
+
+    async def refresh_routing(self) -> None:
+        if self.routing is not None:
+            await self.routing.collect()
+
+    def _routing_model(self, model: str) -> tuple[str, list[list[int]] | None]:
+        """(kind, kept experts) of a model with routing statistics, or 404."""
+        if model == self.base_id:
+            return "base", None
+        record = self.registry.records.get(model)
+        if record is None:
+            raise UnknownModel(model)
+        return "subset", record.spec.experts if record.spec is not None else None
+
+    async def routing_of(self, model: str, *, window: float | None, user: str | None) -> tuple[ModelRouting, Tally]:
+        collector = self._routing_on()
+        kind, kept = self._routing_model(model)
+        window = check_window(window, self.settings.routing_retention)
+        if window is not None and user is not None:
+            raise InvalidInput("give `window` or `user`, not both (users are counted over all time)", param="window")
+        await collector.collect()
+        book = collector.book
+        tally = book.tally(model, window=window, user=user, now=time.time())
+        if user is not None and tally.seen == 0:
+            raise NotEnoughTraffic(f"no traffic from user {user!r} to `{model}` has been observed", param="user")
+        means = tally.scores("usage")
+        layers = [LayerRoutingStats(layer=i, tokens=int(tally.tokens[i]), counts=tally.counts[i].tolist(),
+                                    mass=means[i], kept=kept[i] if kept else None)
+                  for i in range(len(tally.tokens))]
+        usage = book.models.get(model)
+        drift = self.drift(model, window) if kind == "subset" else None
+        series = [DriftPoint(start=start, mass_outside=t.drift, tokens=t.seen) for start, t in book.series(model)]
+        return ModelRouting(model=model, kind=kind, window=window, user=user, since=usage.since if usage else None,
+                            tokens=tally.seen, layers=layers, drift=drift, drift_series=series), tally
+
+    async def routing_png(self, model: str, *, window: float | None, user: str | None) -> bytes:
+        stats, tally = await self.routing_of(model, window=window, user=user)
+        cfg = self.base.config
+        kept = [layer.kept or [] for layer in stats.layers] if stats.kind == "subset" else None
+        shared = [cfg.layer_routing(i).shared_ids for i in range(cfg.num_hidden_layers)]
+        what = f"{user!r}'s" if user else ("the last " + f"{window:g} s of" if window else "all")
+        title = f"{model}: router mass per expert, {what} traffic ({stats.tokens} tokens)"
+        return await asyncio.to_thread(heatmap_png, scores=tally.scores("usage"), kept=kept, shared=shared,
+                                       title=title, experts_per_layer=cfg.experts_per_layer)
 
     async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:
         if record.state is not SubsetState.READY:
@@ -390,6 +592,8 @@ class EmoService:
         if self.placement.placed(name):
             await self.placement.remove(name, force=force)
         self.registry.remove(name)
+        if self.routing is not None:
+            self.routing.forget(name)
 
     def _servable(self, name: str) -> None:
         r = self.registry.get(name)

@@ -60,8 +60,8 @@ class UnknownModel(NotFound):
 
     code, default_param = "model_not_found", "model"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist.")
+    def __init__(self, model: str, *, param: str | None = None) -> None:
+        super().__init__(f"The model `{model}` does not exist.", param=param)
 
 
 class ModelUnavailable(Unavailable):

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 WORKER_EXTENSION = "emo_vllm.worker.EmoWorkerExtension"
 ROW_ARG = "emo_subset_row"
 SLOTS_CONFIG = "emo_subset_slots"
+USAGE_CONFIG = "emo_usage"  # emo_vllm.usage: routing capture on
+MODEL_ARG, USER_ARG = "emo_model", "emo_user"  # emo_vllm.usage: whose tokens a request's are
 BASE_SALT = "emo-base"
 
 Experts = list[list[int]]  # per layer, sorted original expert ids (shared ones included)
@@ -50,8 +52,24 @@ class Placement(ABC):
 
     mode: str
 
-    def __init__(self, manager: EngineManager) -> None:
+    def __init__(self, manager: EngineManager, *, engine_config: dict[str, object] | None = None) -> None:
         self.manager = manager
+        # vLLM `--additional-config` every engine gets (e.g. routing capture on).
+        self.engine_config = dict(engine_config or {})
+
+    def _register(self, engine_id: str, model_dir: str, config: dict[str, object]) -> Engine:
+        """Register an engine; with a plugin config it gets the plugin's control calls too
+        (`/collective_rpc` exists only in vLLM's dev mode; the engine listens on a private Unix
+        socket and the front end relays only the OpenAI routes, so no client can reach it)."""
+        if not config:
+            return self.manager.register(engine_id, model_dir)
+        return self.manager.register(engine_id, model_dir, env={"VLLM_SERVER_DEV_MODE": "1"}, extra_args=(
+            "--worker-extension-cls", WORKER_EXTENSION, "--additional-config", json.dumps(config)))
+
+    def local_ids(self, engine_id: str) -> Experts | None:
+        """Base ids of an engine's experts, per layer, in the engine's order (None: the engine
+        numbers them as the base does)."""
+        return None
 
     @abstractmethod
     def add_base(self, base_id: str, model_dir: str) -> None: ...
@@ -101,16 +119,25 @@ class DedicatedPlacement(Placement):
 
     mode = "dedicated"
 
+    def __init__(self, manager: EngineManager, *, engine_config: dict[str, object] | None = None) -> None:
+        super().__init__(manager, engine_config=engine_config)
+        self.experts: dict[str, Experts] = {}  # subset engines: the subset's experts
+
     def add_base(self, base_id: str, model_dir: str) -> None:
-        self.manager.register(base_id, model_dir)
+        self._register(base_id, model_dir, self.engine_config)
 
     async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True,
                          start: bool = False) -> None:
-        self.manager.register(name, model_dir)
+        self.experts[name] = experts
+        self._register(name, model_dir, self.engine_config)
+
+    def local_ids(self, engine_id: str) -> Experts | None:
+        return self.experts.get(engine_id)
 
     async def remove(self, name: str, *, force: bool) -> None:
         if self.manager.get(name) is not None:
             await self.manager.unregister(name, force=force)
+        self.experts.pop(name, None)
 
     async def acquire(self, model: str) -> Lease:
         return await self.manager.acquire(model)
@@ -138,8 +165,8 @@ class SharedPlacement(Placement):
     mode = "shared"
 
     def __init__(self, manager: EngineManager, *, slots: int, make_engine_dir: EngineDirMaker,
-                 num_layers: int) -> None:
-        super().__init__(manager)
+                 num_layers: int, engine_config: dict[str, object] | None = None) -> None:
+        super().__init__(manager, engine_config=engine_config)
         self.slots = slots
         self._make_engine_dir = make_engine_dir
         self._num_layers = num_layers
@@ -155,15 +182,8 @@ class SharedPlacement(Placement):
         manager.max_engines = max(manager.max_engines, 2)  # the serving engine and its successor
 
     # -- engines -----------------------------------------------------------------------------
-    def engine_args(self) -> tuple[str, ...]:
-        return ("--worker-extension-cls", WORKER_EXTENSION,
-                "--additional-config", json.dumps({SLOTS_CONFIG: self.slots}))
-
-    def _register(self, engine_id: str, model_dir: str, experts: Experts | None) -> Engine:
-        # `/collective_rpc` exists only in vLLM's dev mode; the engine listens on a private Unix
-        # socket and the front end relays only the OpenAI routes, so no client can reach it.
-        engine = self.manager.register(engine_id, model_dir, extra_args=self.engine_args(),
-                                       env={"VLLM_SERVER_DEV_MODE": "1"})
+    def _register_shared(self, engine_id: str, model_dir: str, experts: Experts | None) -> Engine:
+        engine = self._register(engine_id, model_dir, {**self.engine_config, SLOTS_CONFIG: self.slots})
         self.resident[engine_id] = experts
         self.installed[engine_id] = set()
         return engine
@@ -183,6 +203,9 @@ class SharedPlacement(Placement):
         self.installed[engine.model_id] = set()
         log.info("shared engine ready for masks", extra={"engine": engine.model_id, "masks": info})
 
+    def local_ids(self, engine_id: str) -> Experts | None:
+        return self.resident.get(engine_id)
+
     def resident_experts(self, engine_id: str) -> int | None:
         """Experts held by an engine, summed over layers (None: the whole base)."""
         experts = self.resident.get(engine_id)
@@ -191,7 +214,7 @@ class SharedPlacement(Placement):
     # -- models ------------------------------------------------------------------------------
     def add_base(self, base_id: str, model_dir: str) -> None:
         self.base_id = base_id
-        self._register(base_id, model_dir, None)
+        self._register_shared(base_id, model_dir, None)
         self.model_engine[base_id] = base_id
 
     def _fits(self, engine_id: str, experts: Experts) -> bool:
@@ -239,7 +262,7 @@ class SharedPlacement(Placement):
         self._generation += 1
         engine_id = f"emo-shared-{self._generation}"
         model_dir = await asyncio.to_thread(self._make_engine_dir, union, engine_id)
-        new = self._register(engine_id, model_dir, union)
+        new = self._register_shared(engine_id, model_dir, union)
         previous = {m: e for m, e in self.model_engine.items()}
         for name, sub in self.subsets.items():  # those the old engine cannot serve wait for the new one
             if name not in previous or not self._fits(previous[name], sub.experts):

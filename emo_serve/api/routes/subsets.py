@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
+from ...usage import check_window
 from ..deps import AdminKey, Service
 from ..errors import responses
 from ..protocol import Deleted, SubsetCreate, SubsetList, SubsetObject
@@ -31,8 +32,14 @@ async def list_subsets(service: Service) -> SubsetList:
 
 
 @router.get("/{name}", response_model=SubsetObject, responses=responses(400, 401, 404))
-async def get_subset(name: str, service: Service) -> SubsetObject:
-    return service.subset(name)
+async def get_subset(name: str, service: Service,
+                     window: float | None = Query(None, description="seconds of traffic `drift` looks back "
+                                                  "(1 .. --routing-retention; default: all time)")) -> SubsetObject:
+    """The subset, with its `drift`: how much router mass its traffic puts outside its experts."""
+    service.registry.get(name)  # 404 before any engine is asked
+    window = check_window(window, service.settings.routing_retention)
+    await service.refresh_routing()
+    return service.subset(name, window=window)
 
 
 @router.delete("/{name}", response_model=Deleted, dependencies=[AdminKey], responses=responses(400, 401, 404, 409))

@@ -1,0 +1,82 @@
+"""Expert scores from live routing instead of a layer-streamed profile.
+
+Two sources, one result (`profiler.Scores`, so a subset is chosen exactly as `emo-serve profile`
+chooses it):
+
+* `score_in_engine`: when a running engine holds all of the base's experts, the examples are
+  prefilled there (`max_tokens` 1, their own cache salt so no prefix-cache hit skips a token)
+  with routing capture on, under a private counting key. The engine's router is the model's, so
+  `usage` and `frequency` come out as the profiler's (same experts chosen; scores equal within
+  float tolerance), in the time of one prefill rather than of streaming the checkpoint again.
+* `score_traffic`: a model's (or one user's) observed traffic, as counted by the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+import aiohttp
+
+from ..checkpoint import Checkpoint
+from ..engines import Lease, ModelUnavailable
+from ..engines.placement import MODEL_ARG
+from ..examples import Example, tokenize_examples
+from ..profiler import ProfileError, Scores
+from ..subset import BaseRef
+from ..usage import PROFILE_KEY_PREFIX, Tally
+from .routing import RoutingCollector
+
+
+def scores_from_tally(ckpt: Checkpoint, tally: Tally, method: str, *, examples: Sequence[Example] = (),
+                      example_tokens: Sequence[int] = (), warnings: Sequence[str] = (), dtype: str) -> Scores:
+    cfg = ckpt.config
+    routing = [cfg.layer_routing(i) for i in range(cfg.num_hidden_layers)]
+    scores = Scores(method=method, base=BaseRef(location=ckpt.location, fingerprint=ckpt.fingerprint),
+                    scores=tally.scores(method), counts=[c.tolist() for c in tally.counts],
+                    tokens=tally.tokens.tolist(), routed=[r.routed_ids for r in routing],
+                    shared=[r.shared_ids for r in routing], example_fingerprints=[ex.fingerprint for ex in examples],
+                    example_tokens=list(example_tokens), warnings=list(warnings), dtype=dtype)
+    scores._checkpoint = ckpt
+    return scores
+
+
+def tokenize(ckpt: Checkpoint, examples: Sequence[Example], max_tokens: int) -> tuple[list[list[int]], list[str]]:
+    """The examples' token ids exactly as the profiler feeds them (truncation included)."""
+    sequences, warnings = tokenize_examples(ckpt, examples, max_tokens)
+    return [s.tolist() for s in sequences], warnings
+
+
+async def score_in_engine(lease: Lease, collector: RoutingCollector, ckpt: Checkpoint, examples: Sequence[Example],
+                          sequences: list[list[int]], warnings: list[str], *, method: str, dtype: str,
+                          timeout: float) -> Scores:
+    """Prefill `sequences` (the examples' token ids) on the leased engine and score its routing."""
+    key = f"{PROFILE_KEY_PREFIX}{uuid.uuid4().hex}"
+
+    async def prefill(index: int, ids: list[int]) -> None:
+        body = {"model": lease.served_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
+                "vllm_xargs": {MODEL_ARG: key}, "cache_salt": key}
+        try:
+            async with lease.proc.client.post("/v1/completions", json=body,
+                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status != 200:
+                    raise ProfileError(f"examples[{index}]: the engine refused the example ({r.status})",
+                                       param="examples")
+                await r.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ModelUnavailable(f"the engine of `{lease.model}` failed while scoring the examples "
+                                   f"({type(exc).__name__})") from None
+
+    try:
+        await asyncio.gather(*(prefill(i, ids) for i, ids in enumerate(sequences)))
+        await collector.collect()
+        tally = collector.profiles.pop(key, None)
+    finally:
+        collector.profiles.pop(key, None)
+    expected = sum(len(ids) for ids in sequences)
+    if tally is None or tally.seen != expected:
+        raise ModelUnavailable(f"the engine counted {0 if tally is None else tally.seen} of the examples' "
+                               f"{expected} tokens; retry (it may have restarted meanwhile)")
+    return scores_from_tally(ckpt, tally, method, examples=examples, example_tokens=[len(s) for s in sequences],
+                             warnings=warnings, dtype=dtype)
