@@ -75,6 +75,7 @@ class SubsetStore:
         self.subsets_dir = state_dir / "subsets"
         self.materialized_dir = state_dir / "materialized"
         self.usage_dir = state_dir / "usage"  # routing counters per model (api/routing.py)
+        self.scores_dir = state_dir / "scores"  # the profiling scores a subset was chosen by
         self.subsets_dir.mkdir(parents=True, exist_ok=True)
         self.materialized_dir.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, SubsetRecord] = {}
@@ -95,6 +96,10 @@ class SubsetStore:
 
     def model_dir(self, name: str) -> Path:
         return self._child(self.materialized_dir, name)
+
+    def scores_path(self, name: str) -> Path:
+        """The scores a subset was chosen by (`emo-scores/v1`), when one profiling run chose it."""
+        return self._child(self.scores_dir, name, MANIFEST_SUFFIX)
 
     def usage_path(self, name: str) -> Path:
         """The routing counters of a subset (or of the base), kept beside its manifest."""
@@ -237,6 +242,7 @@ class SubsetStore:
     def delete_files(self, name: str) -> None:
         self.manifest_path(name).unlink(missing_ok=True)
         self.usage_path(name).unlink(missing_ok=True)
+        self.scores_path(name).unlink(missing_ok=True)
         target = self.model_dir(name)
         if target.exists():
             shutil.rmtree(target)

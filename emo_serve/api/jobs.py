@@ -76,6 +76,8 @@ class ProfilingJobs:
                 if not store.is_current(record):  # deleted while writing: only our own files go
                     return
                 store.commit(record, built)
+                if selected.scores is not None:
+                    await loop.run_in_executor(None, selected.scores.save, store.scores_path(record.name))
             finally:
                 if staging.exists():
                     await loop.run_in_executor(None, lambda: shutil.rmtree(staging, ignore_errors=True))

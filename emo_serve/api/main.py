@@ -13,7 +13,7 @@ from ..settings import Settings
 from . import errors
 from .deps import ApiKey
 from .middleware import RequestContext
-from .routes import health, openai, routing, subsets
+from .routes import health, openai, routing, subsets, ui
 from .service import EmoService
 from .serving import OpenAIServing
 
@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(subsets.router, dependencies=[ApiKey])
     app.include_router(routing.router, dependencies=[ApiKey])
     app.include_router(health.router)
+    app.include_router(ui.router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
                        max_header_bytes=settings.max_header_bytes, allowed_hosts=settings.host_allowlist)
     return app

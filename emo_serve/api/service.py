@@ -37,6 +37,7 @@ from ..examples import Example, load_examples
 from ..export import materialize_subset
 from ..metrics import Metrics
 from ..plot import heatmap_png
+from ..profiler import ProfileError, Scores
 from ..selection import SelectionRequest
 from ..settings import Settings, derive_model_id
 from ..store import SubsetNotFound, SubsetRecord, SubsetState, SubsetStore
@@ -389,16 +390,17 @@ class EmoService:
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
         if req.from_traffic is not None:
-            spec = await self._subset_from_traffic(req, req.from_traffic)
-            record = await self._build_now(spec, {"method": req.method, "from_traffic": req.from_traffic.model})
+            spec, scores = await self._subset_from_traffic(req, req.from_traffic)
+            record = await self._build_now(spec, {"method": req.method, "from_traffic": req.from_traffic.model},
+                                           scores=scores)
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
         s = self.settings
         examples = load_examples(req.example_items(), max_examples=s.max_examples, max_chars=s.max_example_chars)
         live = await self._subset_from_live_engine(req, examples)
         if live is not None:
-            record = await self._build_now(live, {"method": req.method, "example_fingerprints":
-                                                  [ex.fingerprint for ex in examples]})
+            record = await self._build_now(live[0], {"method": req.method, "example_fingerprints":
+                                                     [ex.fingerprint for ex in examples]}, scores=live[1])
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
         request = self._selection(req)
@@ -421,7 +423,7 @@ class EmoService:
             budget=req.budget, folds=req.folds, device=device, dtype="float32" if device == "cpu" else "bfloat16",
             max_tokens_per_example=req.max_tokens_per_example, seed=req.seed)
 
-    async def _build_now(self, spec: SubsetSpec, job: dict[str, Any]) -> SubsetRecord:
+    async def _build_now(self, spec: SubsetSpec, job: dict[str, Any], *, scores: Scores | None = None) -> SubsetRecord:
         """Write a subset chosen without a profiling job, off the event loop (materializing reads
         the base's config and tokenizer, perhaps remotely); the name is held meanwhile, as while
         profiling."""
@@ -432,6 +434,8 @@ class EmoService:
             if not self.registry.is_current(record):
                 raise SubsetNotFound(f"the subset `{spec.name}` was deleted while it was being created")
             self.registry.commit(record, built)
+            if scores is not None:
+                await asyncio.to_thread(scores.save, self.registry.scores_path(spec.name))
         except BaseException:
             self.registry.discard(record)
             raise
@@ -457,7 +461,8 @@ class EmoService:
             return None
         return engine
 
-    async def _subset_from_live_engine(self, req: SubsetCreate, examples: list[Example]) -> SubsetSpec | None:
+    async def _subset_from_live_engine(self, req: SubsetCreate, examples: list[Example]
+                                       ) -> tuple[SubsetSpec, Scores] | None:
         """Score the examples in the running base engine (see `live_scores`); None when no such
         engine is up, or an example is longer than the engine's context (the profiler then runs)."""
         request = self._selection(req)
@@ -477,9 +482,9 @@ class EmoService:
             lease.release()
         spec = scores.to_subset(req.size, fraction=req.fraction, sizes=req.sizes, name=req.name, checkpoint=self.base)
         spec.provenance.details["scored_by"] = "engine"
-        return spec
+        return spec, scores
 
-    async def _subset_from_traffic(self, req: SubsetCreate, source: FromTraffic) -> SubsetSpec:
+    async def _subset_from_traffic(self, req: SubsetCreate, source: FromTraffic) -> tuple[SubsetSpec, Scores]:
         """The experts `source.model`'s observed traffic (or one user's) routed to most."""
         collector = self._routing_on()
         if not self._counted(source.model):
@@ -508,7 +513,7 @@ class EmoService:
         spec = scores.to_subset(req.size, fraction=req.fraction, sizes=sizes, name=req.name, checkpoint=self.base)
         spec.provenance.details.update(scored_by="traffic", from_traffic={
             "model": source.model, "user": source.user, "window": window, "tokens": tally.seen})
-        return spec
+        return spec, scores
 
     def _engine_dtype(self) -> str:
         return self.settings.dtype if self.settings.dtype != "auto" else str(self.base.config.torch_dtype or "auto")
@@ -574,6 +579,31 @@ class EmoService:
         title = f"{model}: router mass per expert, {what} traffic ({stats.tokens} tokens)"
         return await asyncio.to_thread(heatmap_png, scores=tally.scores("usage"), kept=kept, shared=shared,
                                        title=title, experts_per_layer=cfg.experts_per_layer)
+
+    def subset_scores(self, name: str) -> Scores | None:
+        """The scores a subset was chosen by, if one profiling run (or traffic) chose it."""
+        self.registry.get(name)
+        path = self.registry.scores_path(name)
+        if not path.exists():
+            return None
+        try:
+            return Scores.load(path)
+        except ProfileError as exc:  # damaged on disk: the subset itself is fine
+            log.warning("unreadable scores", extra={"subset": name, "error": str(exc)})
+            return None
+
+    async def subset_scores_png(self, name: str) -> bytes:
+        """A heatmap of the subset's scores with its experts marked (kept experts only when
+        it was given as explicit ids)."""
+        record = self.registry.get(name)
+        if record.spec is None:
+            raise SubsetUnavailable(f"the subset `{name}` is {record.state.value}; it has no experts yet")
+        scores = await asyncio.to_thread(self.subset_scores, name)
+        cfg = self.base.config
+        shared = [cfg.layer_routing(i).shared_ids for i in range(cfg.num_hidden_layers)]
+        what = f"{scores.method} scores" if scores else "kept experts (explicit ids)"
+        return await asyncio.to_thread(heatmap_png, scores=scores.scores if scores else None, kept=record.spec.experts,
+                                       shared=shared, title=f"{name}: {what}", experts_per_layer=cfg.experts_per_layer)
 
     async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:
         if record.state is not SubsetState.READY:

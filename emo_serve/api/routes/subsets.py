@@ -3,15 +3,24 @@ unload. Mutations need the admin key."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
+from typing import Literal
 
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+
+from ...errors import NotFound
 from ...usage import check_window
 from ..deps import AdminKey, Service
 from ..errors import responses
 from ..protocol import Deleted, SubsetCreate, SubsetList, SubsetObject
 
 router = APIRouter(prefix="/v1/subsets", tags=["subsets"])
+
+
+
+class ScoresNotFound(NotFound):
+    code, default_param = "scores_not_found", "name"
+
 
 Force = Query(False, description="also when requests are in flight (they fail with 503)")
 
@@ -40,6 +49,22 @@ async def get_subset(name: str, service: Service,
     window = check_window(window, service.settings.routing_retention)
     await service.refresh_routing()
     return service.subset(name, window=window)
+
+
+@router.get("/{name}/scores", responses={200: {"content": {"image/png": {"schema": {"type": "string",
+                                                                                     "format": "binary"}}},
+                                                "description": "the scores file (`emo-scores/v1`), or with "
+                                                "`format=png` a layers x experts heatmap with the kept experts"},
+                                           **responses(401, 404, 503)})
+async def subset_scores(name: str, service: Service, format: Literal["json", "png"] = Query("json")) -> Response:
+    """The scores the subset's experts were chosen by (profiler, live engine or traffic)."""
+    if format == "png":
+        return Response(await service.subset_scores_png(name), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
+    scores = service.subset_scores(name)
+    if scores is None:
+        raise ScoresNotFound(f"the subset `{name}` was not chosen by scores (explicit expert ids)")
+    return Response(scores.to_json(), media_type="application/json")
 
 
 @router.delete("/{name}", response_model=Deleted, dependencies=[AdminKey], responses=responses(400, 401, 404, 409))
