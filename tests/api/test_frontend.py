@@ -199,7 +199,7 @@ def test_explicit_subset_lifecycle(frontend: Server, admin: httpx.Client) -> Non
 
 @pytest.mark.parametrize("body, contains", [
     ({"name": "a", "experts": [0], "bogus": 1}, "bogus"),
-    ({"name": "a", "experts": [0], "examples": ["x"], "size": 2}, "exactly one of `experts` or `examples`"),
+    ({"name": "a", "experts": [0], "examples": ["x"], "size": 2}, "exactly one of `experts`, `examples` or `from_traffic`"),
     ({"name": "a", "examples": ["x"]}, "exactly one of `size`"),
     ({"name": "a", "examples": ["x"], "size": 2, "fraction": 0.5}, "exactly one of `size`"),
     ({"name": "a", "experts": [0], "size": 2}, "apply to `examples`"),
