@@ -8,7 +8,8 @@ chooses it):
   with routing capture on, under a private counting key. The engine's router is the model's, so
   `usage` and `frequency` come out as the profiler's (same experts chosen; scores equal within
   float tolerance), in the time of one prefill rather than of streaming the checkpoint again.
-* `score_traffic`: a model's (or one user's) observed traffic, as counted by the engines.
+* `scores_from_tally`: any counted routing, e.g. a model's (or one user's) observed traffic, as
+  the engines counted it (`POST /v1/subsets` with `from_traffic`).
 """
 
 from __future__ import annotations
