@@ -75,20 +75,25 @@ class RoutingCollector:
             except Exception:  # the loop must outlive any one bad pass; the next one retries
                 log.exception("routing collection failed")
 
-    async def collect(self) -> None:
-        """Drain every counting engine that is up into the book."""
+    async def collect(self, timeout: float = 10.0) -> None:
+        """Drain every counting engine that is up into the book (concurrently; an engine that does
+        not answer within `timeout`, e.g. a stalled one, is skipped until the next pass)."""
         async with self._lock:
+            ready = []
             for engine_id in sorted(self.attached):
                 engine = self.manager.get(engine_id)
                 if engine is None:
                     self.attached.discard(engine_id)
-                    continue
-                if engine.state is not EngineState.READY or engine.proc is None:
-                    continue
+                elif engine.state is EngineState.READY and engine.proc is not None:
+                    ready.append((engine_id, engine.proc))
+            results = await asyncio.gather(*(proc.rpc("emo_usage_drain", timeout=timeout) for _, proc in ready),
+                                           return_exceptions=True)
+            for (engine_id, _), result in zip(ready, results):
                 try:
-                    results = await engine.proc.rpc("emo_usage_drain", timeout=30.0)
-                    self._add(results[0], self.placement.local_ids(engine_id))
-                except _RPC_ERRORS as exc:  # a dying engine: its supervisor deals with it
+                    if isinstance(result, BaseException):
+                        raise result
+                    self._add(result[0], self.placement.local_ids(engine_id))
+                except _RPC_ERRORS as exc:  # a dying or stalled engine: its supervisor deals with it
                     log.warning("could not collect routing counters", extra={"engine": engine_id,
                                                                              "error": repr(exc)})
 

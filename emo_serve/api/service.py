@@ -536,10 +536,6 @@ class EmoService:
         return Drift(mass_outside=tally.drift if router != "none" else None, tokens=tally.seen, window=window,
                      router=router)
 
-    async def refresh_routing(self) -> None:
-        if self.routing is not None:
-            await self.routing.collect()
-
     def _routing_model(self, model: str) -> tuple[str, list[list[int]] | None]:
         """(kind, kept experts) of a model with routing statistics, or 404."""
         if model == self.base_id:

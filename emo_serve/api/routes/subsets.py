@@ -44,11 +44,10 @@ async def list_subsets(service: Service) -> SubsetList:
 async def get_subset(name: str, service: Service,
                      window: float | None = Query(None, description="seconds of traffic `drift` looks back "
                                                   "(1 .. --routing-retention; default: all time)")) -> SubsetObject:
-    """The subset, with its `drift`: how much router mass its traffic puts outside its experts."""
-    service.registry.get(name)  # 404 before any engine is asked
-    window = check_window(window, service.settings.routing_retention)
-    await service.refresh_routing()
-    return service.subset(name, window=window)
+    """The subset, with its `drift`: how much router mass its traffic puts outside its experts
+    (as of the last collection, at most `--routing-interval` seconds old)."""
+    service.registry.get(name)
+    return service.subset(name, window=check_window(window, service.settings.routing_retention))
 
 
 @router.get("/{name}/scores", responses={200: {"content": {"image/png": {"schema": {"type": "string",

@@ -54,7 +54,7 @@ def page(service: EmoService) -> str:
 
 @router.get("/ui", response_class=HTMLResponse, dependencies=[PageKey])
 async def ui(service: Service) -> HTMLResponse:
-    await service.refresh_routing()
+    """As of the last collection of the routing counters (the page refreshes itself)."""
     return HTMLResponse(page(service), headers={"Cache-Control": "no-store"})
 
 
