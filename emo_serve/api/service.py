@@ -397,10 +397,13 @@ class EmoService:
             return True, self.subset(req.name)
         s = self.settings
         examples = load_examples(req.example_items(), max_examples=s.max_examples, max_chars=s.max_example_chars)
+        t0 = time.monotonic()
         live = await self._subset_from_live_engine(req, examples)
         if live is not None:
             record = await self._build_now(live[0], {"method": req.method, "example_fingerprints":
                                                      [ex.fingerprint for ex in examples]}, scores=live[1])
+            record.profile_seconds = round(time.monotonic() - t0, 3)
+            self.metrics.profiling.labels(req.method).observe(record.profile_seconds)
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
         request = self._selection(req)

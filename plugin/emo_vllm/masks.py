@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from vllm.logger import init_logger
 
+from . import usage
 from .runner_hook import extra_args, on_each_step
 
 logger = init_logger("vllm.emo_vllm.masks")
@@ -109,6 +110,7 @@ class MaskControl:
         every id of a listed layer that is not kept gets -inf, other layers stay unmasked."""
         masks, tables = masks_of(self.model_runner.get_model())
         slot = int(row)
+        usage.flush_pending()  # buffered tokens are tallied with the rows they routed with
         if not 0 < slot < masks.slots:
             raise ValueError(f"mask row {slot} is outside 1..{masks.slots - 1}")
         keep: dict[str, Sequence[int]] = json.loads(kept)
@@ -126,6 +128,7 @@ class MaskControl:
         """Forget mask row `row`: the row is zeroed and requests naming it route unmasked."""
         masks, tables = masks_of(self.model_runner.get_model())
         slot = int(row)
+        usage.flush_pending()
         for table in tables.values():
             table[slot].zero_()
         key = masks.installed.pop(slot, None)
