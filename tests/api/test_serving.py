@@ -55,11 +55,12 @@ def client(live: Server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def subset(live: Server, admin: httpx.Client) -> dict:
-    """A subset profiled from five examples, loaded as soon as it is ready."""
+    """A subset profiled from five examples, loaded as soon as it is ready (scored at once by the
+    base's running engine: 201)."""
     r = admin.post("/v1/subsets", json={"name": SUBSET, "examples": EXAMPLES + [
         {"messages": [{"role": "user", "content": "sort a list"}, {"role": "assistant", "content": "sorted(xs)"}]},
         "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"], "size": 4, "load": True})
-    assert r.status_code == 202, r.text
+    assert r.status_code == 201 and r.json()["scored_by"] == "engine", r.text
     live.wait_until(lambda: admin.get(f"/v1/subsets/{SUBSET}").json()["state"] in ("loaded", "failed"),
                     900, "the subset to profile and load")
     s = admin.get(f"/v1/subsets/{SUBSET}").json()
@@ -166,6 +167,18 @@ def test_metrics_count_requests_and_tokens(admin: httpx.Client, subset: dict) ->
     assert lines["emo_engines_loaded"] == 2
     assert lines[f'emo_engine_load_seconds_count{{model="{SUBSET}"}}'] == 1
     assert lines['emo_subset_profiling_seconds_count{method="usage"}'] == 1
+
+
+def test_dedicated_engines_count_routing_in_base_ids(admin: httpx.Client, subset: dict) -> None:
+    """A subset's own engine numbers its experts 0..n-1; its counts come back at base ids, and
+    with no full router beside it there is no drift to measure."""
+    stats = admin.get(f"/v1/models/{SUBSET}/routing").json()
+    assert stats["tokens"] > 0
+    for layer, kept in zip(stats["layers"], subset["experts"]):
+        used = {e for e, n in enumerate(layer["counts"]) if n}
+        assert used and used <= set(kept), (layer["layer"], used, kept)
+    assert stats["drift"] == {"mass_outside": None, "tokens": stats["tokens"], "window": None, "router": "none"}
+    assert admin.get(f"/v1/subsets/{SUBSET}/scores").json()["method"] == "usage"
 
 
 # -- aborts --------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ async def get_subset(name: str, service: Service,
                                                                                      "format": "binary"}}},
                                                 "description": "the scores file (`emo-scores/v1`), or with "
                                                 "`format=png` a layers x experts heatmap with the kept experts"},
-                                           **responses(401, 404, 503)})
+                                           **responses(400, 401, 404, 503)})
 async def subset_scores(name: str, service: Service, format: Literal["json", "png"] = Query("json")) -> Response:
     """The scores the subset's experts were chosen by (profiler, live engine or traffic)."""
     if format == "png":
