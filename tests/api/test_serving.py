@@ -172,8 +172,11 @@ def test_metrics_count_requests_and_tokens(admin: httpx.Client, subset: dict) ->
 def test_dedicated_engines_count_routing_in_base_ids(admin: httpx.Client, subset: dict) -> None:
     """A subset's own engine numbers its experts 0..n-1; its counts come back at base ids, and
     with no full router beside it there is no drift to measure."""
+    r = admin.post("/v1/completions", json={"model": SUBSET, "prompt": PROMPTS[0], "max_tokens": 4,
+                                            "cache_salt": "routing-check"})
+    assert r.status_code == 200, r.text
     stats = admin.get(f"/v1/models/{SUBSET}/routing").json()
-    assert stats["tokens"] > 0
+    assert stats["tokens"] >= r.json()["usage"]["total_tokens"] - 1
     for layer, kept in zip(stats["layers"], subset["experts"]):
         used = {e for e, n in enumerate(layer["counts"]) if n}
         assert used and used <= set(kept), (layer["layer"], used, kept)
