@@ -73,7 +73,8 @@ class _Group:
     def __init__(self, layers: list[int], blocks: list[Any], max_tokens: int) -> None:
         self.layers, self.blocks = layers, blocks
         self.routing: LayerRouting = blocks[0].routing
-        self.logits = torch.zeros(len(layers), max_tokens, self.routing.num_experts)
+        # float32 whatever the model's dtype (vLLM builds models under that default dtype).
+        self.logits = torch.zeros(len(layers), max_tokens, self.routing.num_experts, dtype=torch.float32)
         self.routed = torch.tensor(self.routing.routed_ids, dtype=torch.long)  # what a subset may drop
         self.masked = blocks[0].subset_masks is not None
 
@@ -192,13 +193,15 @@ class RoutingUsage:
         outside: torch.Tensor | None = None
         # Sums per key as one matmul per group: [keys, n] one-hot @ [layers, n, experts].
         used = len(self.keys)
-        onehot = torch.zeros(used, n).index_put_((keys, torch.arange(n)), torch.ones(n))
+        onehot = torch.zeros(used, n, dtype=torch.float32).index_put_(
+            (keys, torch.arange(n)), torch.ones(n, dtype=torch.float32))
         for g, group in enumerate(self._groups):
             logits = group.logits[:, :n]
             probs, weights = group.route(logits)
             chosen = weights
             if group.masked and masked:
-                mask = torch.stack([b.subset_masks for b in group.blocks])[:, rows]  # [layers, n, experts]
+                masks = torch.stack([b.subset_masks for b in group.blocks]).float()
+                mask = masks[:, rows]  # [layers, n, experts]
                 chosen = group.route(logits + mask)[1]
                 routed = weights.index_select(-1, group.routed).sum(-1).clamp_min(1e-30)
                 share = ((weights * torch.isinf(mask)).sum(-1) / routed).sum(0).double()
