@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
     echo "Machine: the project's development machine — $(nproc)-core $(uname -m) CPU," \
          "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, no GPU; assembled $(date -u +%F)."
     echo "Each section gives its own run's date and machine load."
-    for area in foundation plugin profiler server shared soak quality; do
+    for area in foundation plugin profiler server shared routing soak quality; do
         [ -f "docs/benchmarks/$area.md" ] || continue
         echo
         sed 's/^#/##/' "docs/benchmarks/$area.md"
