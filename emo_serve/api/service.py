@@ -156,14 +156,15 @@ class EmoService:
                                      on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc(),
                                      probe=Probe(s.probe_interval, s.probe_timeout, s.probe_misses))
         self.relay_timeouts = RelayTimeouts(s.upstream_read_timeout, s.upstream_idle_timeout, s.client_send_timeout)
-        engine_config: dict[str, object] = {USAGE_CONFIG: True} if s.routing_capture else {}
+        capture = s.routing_capture and self._capture_supported()
+        engine_config: dict[str, object] = {USAGE_CONFIG: True} if capture else {}
         if self.engine_mode == "shared":  # decided in prepare()
             self.placement = SharedPlacement(self.engines, slots=s.subset_slots, make_engine_dir=self._engine_dir,
                                              num_layers=self.base.config.num_hidden_layers,
                                              engine_config=engine_config)
         else:
             self.placement = DedicatedPlacement(self.engines, engine_config=engine_config)
-        if s.routing_capture:
+        if capture:
             book = UsageBook(self.base.config.experts_per_layer, retention=s.routing_retention,
                              bucket=max(10.0, s.routing_interval))
             self.routing = RoutingCollector(book, self.engines, self.placement, interval=s.routing_interval,
@@ -212,6 +213,15 @@ class EmoService:
             raise SubsetError(f"--engine-mode shared needs vLLM's V1 CPU runner; this {platform} build "
                               "runs Model Runner V2: use --engine-mode dedicated (or auto)")
         return mode
+
+    def _capture_supported(self) -> bool:
+        """Routing capture hooks vLLM's V1 model runner, which the CPU platform runs; GPUs run
+        Model Runner V2, which it does not hook yet: there capture is off, said once."""
+        platform = engine_platform(self.settings.device)
+        if platform != "cpu":
+            log.warning("routing capture is off: it needs vLLM's V1 CPU runner, and this %s build runs "
+                        "Model Runner V2", platform)
+        return platform == "cpu"
 
     def _engine_dir(self, experts: list[list[int]], engine_id: str) -> str:
         """A weightless model dir for a shared engine holding `experts` (the plugin reads only

@@ -352,3 +352,18 @@ def test_no_engine_was_started(frontend: Server, admin: httpx.Client) -> None:
     assert all(e["state"] == "stopped" and e["starts"] == 0 for e in engines), engines
     assert not (frontend.state_dir / "logs").exists() or not list((frontend.state_dir / "logs").iterdir())
     assert admin.get("/health").status_code == 200 and admin.get("/v1/models").status_code == 200
+
+
+def test_routing_capture_off(server_factory, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """`--no-routing-capture`: engines start without the capture, and what reads it says so."""
+    server = server_factory(tiny_ckpt, "--no-serve-base", "--no-routing-capture", "--served-model-name", "tiny",
+                            state_dir=tmp_path / "state")
+    with server.client(ADMIN_KEY) as c:
+        err = assert_error(c.get("/v1/models/tiny/routing"), 404)
+        assert err["code"] == "routing_capture_off"
+        err = assert_error(c.post("/v1/subsets", json={"name": "t", "from_traffic": {"model": "tiny"},
+                                                       "fraction": 0.25}), 404)
+        assert err["code"] == "routing_capture_off"
+        assert c.post("/v1/subsets", json={"name": "x", "experts": [0, 1]}).status_code == 201
+        assert c.get("/v1/subsets/x").json()["drift"] is None
+    assert server.stop() == set()
