@@ -1,7 +1,7 @@
 """The runner hook (emo_vllm.runner_hook, used by the expert masks and the routing capture) reads
 internals of vLLM's V1 model runner. These checks fail loudly, naming the internal, when an upgrade
 of vLLM changes one of them; the engine tests (tests/api/test_shared_engine.py,
-tests/api/test_routing.py) then show whether the hook still routes and counts right."""
+tests/api/test_live_routing.py) then show whether the hook still routes and counts right."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The engine-side routing tallies (emo_vllm.usage.RoutingUsage) against the reference routing,
 driven as the runner and the model drive them, without an engine: the engine path is covered in
-tests/api/test_routing.py (float32 engines), so this also builds the tallies the way vLLM builds a
+tests/api/test_live_routing.py (float32 engines), so this also builds the tallies the way vLLM builds a
 bfloat16 model (under that default dtype), which those tests cannot reach cheaply."""
 
 from __future__ import annotations

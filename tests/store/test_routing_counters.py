@@ -1,5 +1,5 @@
 """The front end's routing book (emo_serve.usage): engine tallies in the base's ids, windows,
-users, persistence and its refusals. No engine: the engine side is tests/api/test_routing.py."""
+users, persistence and its refusals. No engine: the engine side is tests/api/test_live_routing.py."""
 
 from __future__ import annotations
 
