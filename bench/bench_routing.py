@@ -502,24 +502,29 @@ def main() -> None:
         if "big" in kinds:
             args.big_manifest = big_manifest(args, work)
         results: dict[str, dict[str, list[dict[str, Any]]]] = {k: {"on": [], "off": []} for k in kinds}
-        for kind in kinds:
-            for rnd in range(args.rounds):
-                for capture in ((True, False) if rnd % 2 == 0 else (False, True)):
-                    cap = "on" if capture else "off"
-                    t0 = time.perf_counter()
-                    print(f"{kind} round {rnd + 1} capture {cap.upper()}", flush=True)
-                    res: dict[str, Any] = {"round": rnd + 1}
-                    results[kind][cap].append(res)
-                    try:
-                        run_server(kind, capture, args, work, rnd, res)
-                    except Exception as exc:  # one failed server must not lose the others' numbers
-                        print(f"{kind} round {rnd + 1} capture {cap.upper()}: FAILED: {exc!r}", flush=True)
-                        res["error"] = repr(exc)
-                        log = work / f"server-{kind}-{cap}-{rnd}.log"
-                        if log.exists():
-                            print("  server log tail:\n    " + "\n    ".join(log.read_text().splitlines()[-20:]))
-                    res["seconds"] = time.perf_counter() - t0
-                    print(f"{kind} round {rnd + 1} capture {cap.upper()}: {res['seconds']:.0f} s", flush=True)
+        interrupted = None
+        try:
+            for kind in kinds:
+                for rnd in range(args.rounds):
+                    for capture in ((True, False) if rnd % 2 == 0 else (False, True)):
+                        cap = "on" if capture else "off"
+                        t0 = time.perf_counter()
+                        print(f"{kind} round {rnd + 1} capture {cap.upper()}", flush=True)
+                        res: dict[str, Any] = {"round": rnd + 1}
+                        results[kind][cap].append(res)
+                        try:
+                            run_server(kind, capture, args, work, rnd, res)
+                        except Exception as exc:  # one failed server must not lose the others' numbers
+                            print(f"{kind} round {rnd + 1} capture {cap.upper()}: FAILED: {exc!r}", flush=True)
+                            res["error"] = repr(exc)
+                            log = work / f"server-{kind}-{cap}-{rnd}.log"
+                            if log.exists():
+                                print("  server log tail:\n    " + "\n    ".join(log.read_text().splitlines()[-20:]))
+                        res["seconds"] = time.perf_counter() - t0
+                        print(f"{kind} round {rnd + 1} capture {cap.upper()}: {res['seconds']:.0f} s", flush=True)
+        except (KeyboardInterrupt, SystemExit) as exc:  # stopped from outside: report what was measured
+            interrupted = repr(exc)
+            print(f"INTERRUPTED ({interrupted}): the report covers the servers measured before it", flush=True)
         summary = report(results, args)
     load_end = os.getloadavg()
     wall = time.perf_counter() - t_start
@@ -527,6 +532,7 @@ def main() -> None:
     code_at_end = {"commit": git("rev-parse", "--short", "HEAD"), "dirty": git("status", "--short").splitlines()}
     print(f"code at start {code_at_start}, at end {code_at_end}")
     out = {"code at start": code_at_start, "code at end": code_at_end,
+           "interrupted": interrupted,
            "rounds": args.rounds, "max_tokens": args.max_tokens, "results": results, "summary": summary,
            "wall_seconds": wall, "loadavg_start": load_start, "loadavg_end": load_end,
            "machine": {"cpus": os.cpu_count(), "mem_gb": psutil.virtual_memory().total / 1e9},
