@@ -31,12 +31,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from emo_serve.config import LayerRouting
 from emo_serve.reference import route
 
 from .runner_hook import extra_args, on_each_step
+
+logger = init_logger("vllm.emo_vllm.usage")
 
 # `--additional-config` key that turns capture on.
 USAGE_CONFIG = "emo_usage"
@@ -162,7 +165,11 @@ class RoutingUsage:
             slots[i] = slot
         n = len(token_batch_rows)
         if self.pos + n > self.capacity:
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # counting must never take the engine down: drop the buffer, say so
+                logger.exception("routing capture: could not tally %d buffered tokens; dropped", self.pos)
+                self.pos = 0
         self.token_keys[self.pos:self.pos + n] = slots[token_batch_rows]
         self._step = (self.pos, n)
 

@@ -30,13 +30,13 @@ def tallies(request: pytest.FixtureRequest):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # as vLLM does while it builds the model
     try:
-        u = usage.RoutingUsage(max_tokens=64)
+        u = usage.RoutingUsage(max_tokens=16)
         blocks = []
         for layer in range(LAYERS):
             masks = torch.zeros(4, 16)
             masks[1, [0, 1, 2, 3, 4, 5, 6, 7]] = float("-inf")  # row 1: a subset keeping 8..15
             block = SimpleNamespace(routing=CFG.layer_routing(layer), subset_masks=masks,
-                                    token_rows=torch.zeros(64, dtype=torch.long))
+                                    token_rows=torch.zeros(16, dtype=torch.long))
             u.add_block(layer, block)
             blocks.append(block)
     finally:
@@ -81,6 +81,20 @@ def test_tallies_equal_the_reference(tallies) -> None:
         assert out[model]["outside_sum"] == pytest.approx(float(torch.stack(shares).mean(0).sum()), rel=1e-5)
     assert out["base"]["outside_sum"] == 0.0 and sum(out["sub"]["hist"]) == 20
     assert u.drain()["keys"] == []  # drained means zeroed
+
+
+def test_a_failing_tally_never_fails_the_step(tallies, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault injected on purpose (a tally that raises): the buffered tokens are dropped and
+    logged, and the engine's step goes on."""
+    u, blocks, _ = tallies
+    logits = [torch.randn(3, 16) for _ in range(LAYERS)]
+    for _ in range(5):  # 15 of 16 buffered tokens
+        step(u, blocks, [request_state("m")], [0, 0, 0], [0, 0, 0], logits)
+    monkeypatch.setattr(usage.RoutingUsage, "flush", lambda self: 1 / 0)
+    step(u, blocks, [request_state("m")], [0, 0, 0], [0, 0, 0], logits)  # needs a flush: it raises
+    monkeypatch.undo()
+    assert u.pos == 3  # only this step's tokens are buffered
+    assert u.drain()["keys"][0]["tokens"] == [3] * LAYERS
 
 
 def test_steps_outside_the_runner_are_not_counted(tallies) -> None:
