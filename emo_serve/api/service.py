@@ -407,8 +407,10 @@ class EmoService:
             return True, self.subset(req.name)
         s = self.settings
         examples = load_examples(req.example_items(), max_examples=s.max_examples, max_chars=s.max_example_chars)
+        request = self._selection(req)
+        request.check(self.base.config)  # a request the base can't satisfy is a 400 now, not a failure later
         t0 = time.monotonic()
-        live = await self._subset_from_live_engine(req, examples)
+        live = await self._subset_from_live_engine(req, request, examples)
         if live is not None:
             record = await self._build_now(live[0], {"method": req.method, "example_fingerprints":
                                                      [ex.fingerprint for ex in examples]}, scores=live[1])
@@ -416,8 +418,6 @@ class EmoService:
             self.metrics.profiling.labels(req.method).observe(record.profile_seconds)
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
-        request = self._selection(req)
-        request.check(self.base.config)  # a request the base can't satisfy is a 400 now, not a failure later
         load = req.load
 
         async def done(record: SubsetRecord) -> None:
@@ -474,12 +474,10 @@ class EmoService:
             return None
         return engine
 
-    async def _subset_from_live_engine(self, req: SubsetCreate, examples: list[Example]
+    async def _subset_from_live_engine(self, req: SubsetCreate, request: SelectionRequest, examples: list[Example]
                                        ) -> tuple[SubsetSpec, Scores] | None:
         """Score the examples in the running base engine (see `live_scores`); None when no such
         engine is up, or an example is longer than the engine's context (the profiler then runs)."""
-        request = self._selection(req)
-        request.check(self.base.config)
         if self.routing is None or self._live_engine(req.method, request) is None:
             return None
         sequences, warnings = await asyncio.to_thread(live_scores.tokenize, self.base, examples,
