@@ -163,11 +163,13 @@ def smallest_size(folds: _Folds, routed: Sequence[int], tolerance: float, per_pa
     return uniform(good), _estimate(folds, uniform(good), sub, base, candidates, max_loss_increase=tolerance)
 
 
-def _check_budget(routed: Sequence[int], budget: int) -> None:
+def check_budget(routed: Sequence[int], budget: int) -> None:
+    """Refuse a budget outside one routed expert per MoE layer .. all of them (`routed`: each
+    layer's count of routed experts)."""
     moe = [n for n in routed if n]
     if not len(moe) <= budget <= sum(routed):
         raise SizingError(f"budget {budget}: needs between {len(moe)} (one routed expert per MoE layer) "
-                          f"and {sum(routed)} (all of them)")
+                          f"and {sum(routed)} (all of them)", param="budget")
 
 
 def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: int | None, method: str) -> None:
@@ -183,7 +185,7 @@ def check_request(cfg: EmoConfig, *, max_loss_increase: float | None, budget: in
         if method == "layerwise":
             raise SizingError("method 'layerwise' keeps one size for every layer; use 'usage' with a budget",
                               param="method")
-        _check_budget(cfg.routed_counts(), budget)
+        check_budget(cfg.routed_counts(), budget)
 
 
 def allocate_budget(folds: _Folds, routed: Sequence[int], budget: int, *, max_rounds: int = 16,
@@ -194,7 +196,7 @@ def allocate_budget(folds: _Folds, routed: Sequence[int], budget: int, *, max_ro
     and keeps the removal that raises the loss least. Pruning from the top measures every
     marginal loss against a nearly intact model, where growing from one expert per layer would
     judge each layer against others that are still broken."""
-    _check_budget(routed, budget)
+    check_budget(routed, budget)
     moe = [i for i, n in enumerate(routed) if n]
     measure = measure_on or folds.measure
     sizes = list(routed)

@@ -40,6 +40,7 @@ from ..plot import heatmap_png
 from ..profiler import ProfileError, Scores
 from ..selection import SelectionRequest
 from ..settings import Settings, derive_model_id
+from ..sizing import check_budget
 from ..store import SubsetNotFound, SubsetRecord, SubsetState, SubsetStore
 from ..subset import SubsetSpec, make_subset
 from ..usage import NotEnoughTraffic, Tally, UsageBook, budget_sizes, check_window
@@ -504,6 +505,8 @@ class EmoService:
         if window is not None and source.user is not None:
             raise InvalidInput("from_traffic: give `window` or `user`, not both (users are counted over all time)",
                                param="from_traffic.window")
+        if req.budget is not None:  # before the traffic: it depends on the base alone
+            check_budget(self.base.config.routed_counts(), req.budget)
         await collector.collect()
         tally = collector.book.tally(source.model, window=window, user=source.user, now=time.time())
         if source.user is not None and tally.seen == 0:
@@ -516,11 +519,7 @@ class EmoService:
         scores = live_scores.scores_from_tally(self.base, tally, req.method, dtype=self._engine_dtype())
         sizes = req.sizes
         if req.budget is not None:
-            routed = scores.routed
-            if not sum(1 for r in routed if r) <= req.budget <= sum(len(r) for r in routed):
-                raise SubsetError(f"budget {req.budget} must be between the MoE layers' count and their routed "
-                                  "experts' total", param="budget")
-            sizes = budget_sizes(scores.scores, routed, req.budget)
+            sizes = budget_sizes(scores.scores, scores.routed, req.budget)
         spec = scores.to_subset(req.size, fraction=req.fraction, sizes=sizes, name=req.name, checkpoint=self.base)
         spec.provenance.details.update(scored_by="traffic", from_traffic={
             "model": source.model, "user": source.user, "window": window, "tokens": tally.seen})
