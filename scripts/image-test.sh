@@ -27,6 +27,8 @@
 #   IMAGE_TEST_READY_TIMEOUT  seconds to wait for /ready (default 300)
 #   IMAGE_TEST_INDEX_PORT     the local torch index's port (default 38503, another if busy)
 #   IMAGE_TEST_DEBIAN_MIRROR  debootstrap's mirror (default: the host's Debian source, else deb.debian.org)
+#   IMAGE_TEST_MIN_FREE_GB    free space the build needs in podman's storage (default 30: a cold
+#                             build peaked 22.5 GB above its start; docs/deployment.md)
 #
 # Why the podman flags: `--isolation chroot` builds because crun cannot create containers under
 # this machine's hybrid cgroups; runs use Debian's runc with the cgroupfs manager and explicit
@@ -41,6 +43,7 @@ IMAGE="${IMAGE_TEST_TAG:-emo-serve:cpu}"
 BASE_IMAGE="localhost/python:3.11-slim-bookworm"
 SERVICE="emo-serve-cpu"
 READY_TIMEOUT="${IMAGE_TEST_READY_TIMEOUT:-300}"
+MIN_FREE_GB="${IMAGE_TEST_MIN_FREE_GB:-30}"
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"
 else PY=python3; fi
@@ -175,6 +178,23 @@ log "image $COMPOSE_IMAGE; command: ${COMPOSE_COMMAND[*]:-(none)}; environment: 
 log "shm_size $COMPOSE_SHM; stop_grace_period ${GRACE}s; named volumes: ${COMPOSE_VOLUMES[*]}"
 
 # ---------------------------------------------------------------------------------------------
+step "disk space in podman's storage (the build needs ${MIN_FREE_GB} GB)"
+# A cold build writes the venv twice (the build stage and the runtime stage's copy) plus the
+# layer tarballs of each commit; a disk that fills mid-build fails deep inside buildah with
+# "no space left on device", so check first. Images left untagged by earlier builds (older
+# stages of a changed Dockerfile) are what piles up between runs: prune those, nothing tagged.
+GRAPHROOT=$(podman info --format '{{.Store.GraphRoot}}')
+mkdir -p "$GRAPHROOT"
+free_gb() { df --output=avail -B1G "$1" | tail -1 | tr -d ' '; }
+log "$GRAPHROOT: $(free_gb "$GRAPHROOT") GB free; /var/tmp: $(free_gb /var/tmp) GB free"
+if [ "$(free_gb "$GRAPHROOT")" -lt "$MIN_FREE_GB" ]; then
+    pruned=$(podman image prune -f 2>/dev/null | wc -l || true)
+    log "pruned $pruned dangling images: $(free_gb "$GRAPHROOT") GB free now"
+fi
+[ "$(free_gb "$GRAPHROOT")" -ge "$MIN_FREE_GB" ] \
+    || die "$GRAPHROOT has $(free_gb "$GRAPHROOT") GB free, the build needs ${MIN_FREE_GB} GB (free some, or set IMAGE_TEST_MIN_FREE_GB)"
+
+# ---------------------------------------------------------------------------------------------
 step "base image $BASE_IMAGE (debootstrap, built once)"
 if podman image exists "$BASE_IMAGE"; then
     log "cached: $(podman image inspect --format '{{.Id}} created {{.Created}}' "$BASE_IMAGE" | cut -c1-12,65-)"
@@ -268,7 +288,7 @@ if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.I
     # the image this build replaced, now untagged: ~4 GB that no cache needs (its stages stay)
     podman rmi "$previous" >/dev/null 2>&1 && log "removed the replaced image ${previous:0:12}" || true
 fi
-log "image $IMAGE: $(podman image inspect --format '{{.Id}}' "$IMAGE" | cut -c1-12), $((SIZE_BYTES / 1000000)) MB"
+log "image $IMAGE: $(podman image inspect --format '{{.Id}}' "$IMAGE" | cut -c1-12), $((SIZE_BYTES / 1000000)) MB; $(free_gb "$GRAPHROOT") GB free in $GRAPHROOT"
 stop_signal=$(podman image inspect --format '{{.Config.StopSignal}}' "$IMAGE")
 log "image stop signal: ${stop_signal:-(default SIGTERM)}"
 healthcheck=$(podman image inspect --format '{{json .HealthCheck}}' "$IMAGE")
