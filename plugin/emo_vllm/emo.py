@@ -184,7 +184,7 @@ class EmoSparseMoeBlock(nn.Module):
         hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
         router_logits, _ = self.gate(hidden_states)
         if self.capture_usage:
-            router_logits = torch.ops.vllm.emo_capture_routing(router_logits, self.layer_index)
+            router_logits = usage.capture_routing(router_logits, self.layer_index)
         if self.subset_masks is not None and self.token_rows is not None:
             router_logits = router_logits + self.subset_masks[self.token_rows[: router_logits.shape[0]]]
         # Fast path: the shared logit is dropped; softmax over one logit is 1.0.

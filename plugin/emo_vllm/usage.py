@@ -1,9 +1,9 @@
 """Live routing capture: which experts each model's and each user's tokens use, in the engine.
 
-With `--additional-config '{"emo_usage": true}'` every MoE layer passes its router logits through
-one custom op (`torch.ops.vllm.emo_capture_routing`, opaque to torch.compile, so its body runs
-eagerly every step) that adds, per request key (the front end's model name and the OpenAI `user`
-from `vllm_xargs`), per layer and expert:
+With `--additional-config '{"emo_usage": true}'` every MoE layer passes its router logits to
+`capture_routing` (under torch.compile the custom op `torch.ops.vllm.emo_capture_routing`,
+opaque, so its body runs eagerly every step), which adds, per request key (the front end's model
+name and the OpenAI `user` from `vllm_xargs`), per layer and expert:
 
 * `mass`: router probability as the reference routes (each part with its own softmax), from the
   *unmasked* logits: what the profiler's `usage` method sums;
@@ -269,10 +269,24 @@ def usage_of_worker() -> RoutingUsage:
     return _USAGE
 
 
+def capture_routing(router_logits: torch.Tensor, layer: int) -> torch.Tensor:
+    """Hand a MoE layer's router logits to the tallies; what the layer routes with next.
+
+    Traced by torch.compile, it is the custom op (opaque, so its body runs every step). Eager,
+    as the server runs engines (`--enforce-eager`), it is a plain call: going through the
+    dispatcher and the op's defensive clone cost ~6 us a layer, a third of what capture added to
+    a batch-1 decode step of the demo (bench/bench_capture_ab.py)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.vllm.emo_capture_routing(router_logits, layer)
+    if _USAGE is not None:
+        _USAGE.capture(layer, router_logits)
+    return router_logits
+
+
 def _capture_routing(router_logits: torch.Tensor, layer: int) -> torch.Tensor:
     if _USAGE is not None:
         _USAGE.capture(layer, router_logits)
-    return router_logits.clone()
+    return router_logits.clone()  # an op's output may not alias its input
 
 
 def _capture_routing_fake(router_logits: torch.Tensor, layer: int) -> torch.Tensor:
@@ -298,4 +312,5 @@ class UsageControl:
         return usage_of_worker().drain()
 
 
-__all__ = ["MODEL_ARG", "OUTSIDE_BOUNDS", "USAGE_CONFIG", "USER_ARG", "RoutingUsage", "UsageControl", "enable"]
+__all__ = ["MODEL_ARG", "OUTSIDE_BOUNDS", "USAGE_CONFIG", "USER_ARG", "RoutingUsage", "UsageControl", "capture_routing",
+           "enable"]

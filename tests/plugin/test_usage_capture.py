@@ -103,3 +103,24 @@ def test_steps_outside_the_runner_are_not_counted(tallies) -> None:
     for layer in range(LAYERS):
         u.capture(layer, torch.randn(5, 16))
     assert u.drain()["keys"] == []
+
+
+def test_capture_is_a_plain_call_eager_and_the_custom_op_when_compiled(tallies, monkeypatch) -> None:
+    """Engines run eagerly (a plain call, the logits handed on as they are); a model traced by
+    torch.compile keeps the opaque custom op in its graph (a copy comes out), and both tally alike."""
+    u, blocks, dtype = tallies
+    monkeypatch.setattr(usage, "_USAGE", u)
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(3, 16, generator=gen).to(dtype) for _ in range(LAYERS)]
+    compiled = torch.compile(usage.capture_routing, backend="eager", fullgraph=True, dynamic=False)
+    drained = []
+    for run in (usage.capture_routing, compiled):
+        u.fill([request_state("m", "u")], np.zeros(3, dtype=np.int64))
+        for layer, x in enumerate(logits):
+            out = run(x, layer)
+            assert torch.equal(out, x)
+            assert (out is x) == (run is usage.capture_routing), "eager hands the logits on; the op copies"
+        drained.append(u.drain())
+    eager, traced = drained
+    assert eager["keys"][0]["tokens"] == [3] * LAYERS
+    assert traced == eager
