@@ -57,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,8 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shared import MODELS_DIR, client, first_token_time, free_port, proc_mem, read_jsonl  # noqa: E402
+from bench_shared import (MODELS_DIR, ServerProcess, Stream, client, first_token_time, free_port,  # noqa: E402
+                          proc_mem, read_jsonl, stream_once)
 
 EMO_SERVE = str(Path(sys.executable).parent / "emo-serve")
 DOMAINS = ["code", "prose", "legal", "math"]
@@ -79,14 +79,15 @@ def prompts() -> list[str]:
 
 
 # -- one server ---------------------------------------------------------------------------------------
-class Server:
+class Server(ServerProcess):
     """One `emo-serve serve`, started alone and always stopped (SIGTERM, then its engines checked)."""
 
     def __init__(self, kind: str, capture: bool, args: argparse.Namespace, work: Path, rnd: int) -> None:
+        super().__init__()
         self.kind, self.capture = kind, capture
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        tag = f"{kind}-{'on' if capture else 'off'}-{rnd}"
+        tag = self.label = f"{kind}-{'on' if capture else 'off'}-{rnd}"
         self.log = work / f"server-{tag}.log"
         common = ["--engine-mode", "shared", "--kv-cache-gb", "1", "--log-level", "warning"]
         if kind == "demo":
@@ -97,28 +98,6 @@ class Server:
         self.cmd = [EMO_SERVE, "serve", *model, *common, "--port", str(self.port),
                     "--state-dir", str(work / f"state-{tag}"), *([] if capture else ["--no-routing-capture"])]
         self.env = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}, "HF_HUB_OFFLINE": "1"}
-        self.proc: subprocess.Popen | None = None
-        self.t0 = 0.0
-        self.engine_pids: set[int] = set()
-
-    def start(self, timeout: float) -> float:
-        self.t0 = time.perf_counter()
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        while time.perf_counter() - self.t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return time.perf_counter() - self.t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"front end not up after {timeout} s")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds so far of every process below the front end."""
@@ -162,73 +141,15 @@ class Server:
                 pass
         return total / 1e9
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.engine_pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.Error:
-            pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(180)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        deadline = time.monotonic() + 60
-        for pid in sorted(self.engine_pids):
-            try:
-                p = psutil.Process(pid)
-                while p.is_running() and p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    print(f"  engine process {pid} outlived its server; killing it", flush=True)
-                    p.kill()
-            except psutil.Error:
-                pass
-
 
 # -- requests -----------------------------------------------------------------------------------------
-@dataclass
-class Timed:
-    tokens: int   # completion tokens
-    first: float  # perf_counter of the first streamed token
-    last: float   # perf_counter of the last streamed token
-
-
-async def stream_timed(c: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Timed:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "temperature": 0, "stream_options": {"include_usage": True}}
-    first = last = None
-    chunks, usage = 0, None
-    async with c.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{model}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"{model}: error event {chunk['error']}")
-            if chunk.get("choices"):  # one chunk per engine step; its text may be empty (a partial
-                last = time.perf_counter()  # UTF-8 sequence held back: the random-weight 14B model)
-                first = first or last
-                chunks += 1
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-    if first is None:
-        raise RuntimeError(f"{model}: stream ended without a token")
-    return Timed(usage["completion_tokens"] if usage else chunks, first, last)
-
-
 async def wait_answers(server: Server, models: list[str], timeout: float) -> float:
     """Seconds from the server's start until every model answered a 4-token completion."""
     async with client(server.url) as c:
         for model in models:
             while True:
                 try:
-                    await stream_timed(c, model, "def add(a, b):", 4)
+                    await stream_once(c, model, "def add(a, b):", 4)
                     break
                 except (RuntimeError, httpx.HTTPError) as exc:
                     if not server.alive():
@@ -243,8 +164,8 @@ async def decode(server: Server, model: str, batch: int, waves: int, max_tokens:
                  texts: list[str]) -> dict[str, Any]:
     """`waves` waves of `batch` concurrent streams (one warm-up wave first); see the docstring."""
     async with client(server.url) as c:
-        async def wave(n_tokens: int) -> list[Timed]:
-            return list(await asyncio.gather(*(stream_timed(c, model, texts[i % len(texts)], n_tokens)
+        async def wave(n_tokens: int) -> list[Stream]:
+            return list(await asyncio.gather(*(stream_once(c, model, texts[i % len(texts)], n_tokens)
                                                for i in range(batch))))
 
         await wave(16)  # warm-up

@@ -99,7 +99,6 @@ def plan_subsets(args: argparse.Namespace, work: Path) -> Plan:
     """Profile the four subsets with the server's profiler, write their manifests, and size the
     weights (non-expert, per expert) at the engines' dtype."""
     from emo_serve.checkpoint import Checkpoint
-    from emo_serve.subset import routed_ids
     from emo_serve.profiler import profile
     from emo_serve.settings import derive_model_id
 
@@ -121,8 +120,8 @@ def plan_subsets(args: argparse.Namespace, work: Path) -> Plan:
     n = cfg.num_hidden_layers
     union = [sorted(set().union(*(experts[d][i] for d in DOMAINS))) for i in range(n)]
     rng = random.Random(1)
-    fresh = [sorted(rng.sample(routed_ids(cfg, i), args.subset_size)) if routed_ids(cfg, i) else []
-             for i in range(n)]
+    routed = [cfg.layer_routing(i).routed_ids for i in range(n)]
+    fresh = [sorted(rng.sample(ids, args.subset_size)) if ids else [] for ids in routed]
     heldout = {d: read_jsonl(MODELS_DIR / "heldout" / f"{d}.jsonl") for d in DOMAINS}
     prompts = {d: heldout[d][10][:160] for d in DOMAINS}
 
@@ -150,8 +149,74 @@ def plan_subsets(args: argparse.Namespace, work: Path) -> Plan:
 
 
 # -- one server ---------------------------------------------------------------------------------------
-class Server:
+class ServerProcess:
+    """One `emo-serve serve` started in its own session and always stopped: SIGTERM, then every
+    engine process it started is waited for (and killed if it outlives its server). Subclasses
+    set cmd, env, log, url and label."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    log: Path
+    url: str
+    label: str
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.t0 = 0.0
+        self.engine_pids: set[int] = set()
+
+    def start(self, timeout: float) -> float:
+        """Start the server; seconds until its HTTP front end answers /health."""
+        self.t0 = time.perf_counter()
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        while time.perf_counter() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label}: server exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return time.perf_counter() - self.t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.label}: front end not up after {timeout} s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.engine_pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(180)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # Engines run in their own sessions: make sure none that this server started outlives it.
+        deadline = time.monotonic() + 60
+        for pid in sorted(self.engine_pids):
+            try:
+                p = psutil.Process(pid)
+                while p.is_running() and p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    print(f"{self.label}: engine process {pid} outlived its server; killing it", flush=True)
+                    p.kill()
+            except psutil.Error:
+                pass
+
+
+class Server(ServerProcess):
     def __init__(self, side: str, plan: Plan, args: argparse.Namespace, work: Path, rnd: int) -> None:
+        super().__init__()
+        self.label = f"side {side}"
         self.side, self.plan = side, plan
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -171,75 +236,32 @@ class Server:
         if args.engine_cpus:  # vLLM's own variable, inherited by every engine (default: auto, core 0 here)
             self.env["VLLM_CPU_OMP_THREADS_BIND"] = args.engine_cpus
         self.models = [plan.base_id] if side == "d" else list(DOMAINS)
-        self.proc: subprocess.Popen | None = None
-        self.t0 = 0.0
-        self.engine_pids: set[int] = set()
-
-    def start(self, timeout: float) -> float:
-        """Start the server; seconds until its HTTP front end answers /health."""
-        self.t0 = time.perf_counter()
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        while time.perf_counter() - self.t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"side {self.side}: server exited with {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return time.perf_counter() - self.t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"side {self.side}: front end not up after {timeout} s")
 
     def engines(self) -> list[dict[str, Any]]:
         data = httpx.get(self.url + "/v1/engines", timeout=30).json()["data"]
         self.engine_pids |= {e["pid"] for e in data if e.get("pid")}
         return data
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.engine_pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.Error:
-            pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(180)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        # Engines run in their own sessions: make sure none that this server started outlives it.
-        deadline = time.monotonic() + 30
-        for pid in sorted(self.engine_pids):
-            try:
-                p = psutil.Process(pid)
-                while p.is_running() and p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    print(f"side {self.side}: engine process {pid} outlived its server; killing it", flush=True)
-                    p.kill()
-            except psutil.Error:
-                pass
-
 
 # -- requests -----------------------------------------------------------------------------------------
 @dataclass
 class Stream:
     model: str
-    ttft: float
-    tokens: int
-    seconds: float
+    ttft: float   # seconds from the request to the first token
+    tokens: int   # completion tokens (the usage's, else one per chunk)
+    seconds: float  # from the request to the stream's end
     text: str
+    first: float  # perf_counter of the first token
+    last: float   # perf_counter of the last token (a chunk per engine step; its text may be empty,
+                  # a partial UTF-8 sequence held back, e.g. by the random-weight 14B model)
 
 
 async def stream_once(c: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Stream:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
             "temperature": 0, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first, chunks, usage, text = None, 0, None, []
+    first = last = None
+    chunks, usage, text = 0, None, []
     async with c.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{model}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -250,8 +272,8 @@ async def stream_once(c: httpx.AsyncClient, model: str, prompt: str, max_tokens:
             if "error" in chunk:
                 raise RuntimeError(f"{model}: error event {chunk['error']}")
             if chunk.get("choices"):
-                if first is None:
-                    first = time.perf_counter()
+                last = time.perf_counter()
+                first = first or last
                 chunks += 1
                 text.append(chunk["choices"][0].get("text") or "")
             if chunk.get("usage"):
@@ -260,7 +282,7 @@ async def stream_once(c: httpx.AsyncClient, model: str, prompt: str, max_tokens:
     if first is None:
         raise RuntimeError(f"{model}: stream ended without a token")
     tokens = usage["completion_tokens"] if usage else chunks
-    return Stream(model, first - t0, tokens, end - t0, "".join(text))
+    return Stream(model, first - t0, tokens, end - t0, "".join(text), first, last)
 
 
 def client(url: str) -> httpx.AsyncClient:
