@@ -64,7 +64,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shared import (MODELS_DIR, ServerProcess, Stream, client, first_token_time, free_port,  # noqa: E402
+from bench_shared import (MODELS_DIR, ServerProcess, Stream, client, cpu_seconds, first_token_time, free_port,  # noqa: E402
                           proc_mem, read_jsonl, stream_once)
 
 EMO_SERVE = str(Path(sys.executable).parent / "emo-serve")
@@ -101,14 +101,7 @@ class Server(ServerProcess):
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds so far of every process below the front end."""
-        total = 0.0
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
+        return cpu_seconds(psutil.Process(self.proc.pid).children(recursive=True))
 
     def engine_metrics(self) -> dict[str, float]:
         """vLLM's own request counters, summed over this server's engines (read on their sockets):

@@ -148,6 +148,18 @@ def plan_subsets(args: argparse.Namespace, work: Path) -> Plan:
                 profile_seconds=seconds)
 
 
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds so far of these processes (those that have exited count 0)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 # -- one server ---------------------------------------------------------------------------------------
 class ServerProcess:
     """One `emo-serve serve` started in its own session and always stopped: SIGTERM, then every
@@ -426,18 +438,9 @@ def memory(server: Server) -> dict[str, Any]:
                                   "state": e["state"], "starts": e["starts"]}
     out["engines"] = per_engine
     # CPU the idle engines burn (vLLM's CPU engines poll): % of one core over a few seconds.
-    def cpu(ps: list[psutil.Process]) -> float:
-        total = 0.0
-        for p in ps:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-    c0, t0 = cpu(below), time.perf_counter()
+    c0, t0 = cpu_seconds(below), time.perf_counter()
     time.sleep(3)
-    out["idle engines CPU (% of a core)"] = (cpu(below) - c0) / (time.perf_counter() - t0) * 100
+    out["idle engines CPU (% of a core)"] = (cpu_seconds(below) - c0) / (time.perf_counter() - t0) * 100
     out["load average (1 min)"] = os.getloadavg()[0]
     return out
 
