@@ -32,30 +32,24 @@ from ..engines import (
 from ..engines.manager import Engine, Probe
 from ..engines.placement import USAGE_CONFIG
 from ..engines.process import EngineProcess
-from ..errors import Busy, InvalidInput, NotFound, SubsetError, Unavailable
-from ..examples import Example, load_examples
+from ..errors import Busy, SubsetError, Unavailable
+from ..examples import load_examples
 from ..export import materialize_subset
 from ..metrics import Metrics
 from ..plot import heatmap_png
 from ..profiler import ProfileError, Scores
 from ..selection import SelectionRequest
 from ..settings import Settings, derive_model_id
-from ..sizing import check_budget
 from ..store import SubsetNotFound, SubsetRecord, SubsetState, SubsetStore
 from ..subset import SubsetSpec, make_subset
-from ..usage import NotEnoughTraffic, Tally, UsageBook, budget_sizes, check_window
-from . import live_scores
+from ..usage import UsageBook
 from .jobs import ProfilingJobs
+from .live_routing import LiveRouting
 from .protocol import (
-    Drift,
-    DriftPoint,
     EmoModelInfo,
     ExpertCounts,
-    FromTraffic,
-    LayerRoutingStats,
     ModelCard,
     ModelList,
-    ModelRouting,
     Readiness,
     SubsetCreate,
     SubsetObject,
@@ -91,13 +85,7 @@ class SubsetUnavailable(ModelUnavailable):
     pass
 
 
-class RoutingCaptureOff(NotFound):
-    """Routing statistics were asked for on a server started with --no-routing-capture."""
-
-    code = "routing_capture_off"
-
-
-class EmoService:
+class EmoService(LiveRouting):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
@@ -248,10 +236,6 @@ class EmoService:
             await self.placement.on_started(engine, proc)
         if self.routing is not None:
             await self.routing.attach(engine, proc)
-
-    def _counted(self, model: str) -> bool:
-        """Whether drained counters for `model` belong in the book (the base and live subsets)."""
-        return model == self.base_id or model in self.registry.records
 
     async def stop(self) -> None:
         if hasattr(self, "jobs"):
@@ -457,134 +441,6 @@ class EmoService:
             if staging.exists():
                 await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
         return record
-
-    # -- subsets from live routing --------------------------------------------------------------
-    def _routing_on(self) -> RoutingCollector:
-        if self.routing is None:
-            raise RoutingCaptureOff("routing capture is off on this server (--no-routing-capture)")
-        return self.routing
-
-    def _live_engine(self, method: str, request: SelectionRequest) -> Engine | None:
-        """A ready engine holding all of the base's experts and counting routing, when the request
-        can be scored there (`usage`/`frequency` with a given size)."""
-        if self.routing is None or method not in ("usage", "frequency") or request.by_quality:
-            return None
-        engine = self.placement.engine_of(self.base_id)
-        if (engine is None or engine.state is not EngineState.READY or engine.model_id not in self.routing.attached
-                or self.placement.local_ids(engine.model_id) is not None):
-            return None
-        return engine
-
-    async def _subset_from_live_engine(self, req: SubsetCreate, request: SelectionRequest, examples: list[Example]
-                                       ) -> tuple[SubsetSpec, Scores] | None:
-        """Score the examples in the running base engine (see `live_scores`); None when no such
-        engine is up, or an example is longer than the engine's context (the profiler then runs)."""
-        if self.routing is None or self._live_engine(req.method, request) is None:
-            return None
-        sequences, warnings = await asyncio.to_thread(live_scores.tokenize, self.base, examples,
-                                                      req.max_tokens_per_example)
-        if max(len(ids) for ids in sequences) >= self.max_model_len:
-            return None
-        lease = await self.placement.acquire(self.base_id)
-        try:
-            scores = await live_scores.score_in_engine(
-                lease, self.routing, self.base, examples, sequences, warnings, method=req.method,
-                dtype=self._engine_dtype(), timeout=self.settings.upstream_read_timeout)
-        finally:
-            lease.release()
-        spec = scores.to_subset(req.size, fraction=req.fraction, sizes=req.sizes, name=req.name, checkpoint=self.base)
-        spec.provenance.details["scored_by"] = "engine"
-        return spec, scores
-
-    async def _subset_from_traffic(self, req: SubsetCreate, source: FromTraffic) -> tuple[SubsetSpec, Scores]:
-        """The experts `source.model`'s observed traffic (or one user's) routed to most."""
-        collector = self._routing_on()
-        if not self._counted(source.model):
-            raise UnknownModel(source.model, param="from_traffic.model")
-        window = check_window(source.window, self.settings.routing_retention, param="from_traffic.window")
-        if window is not None and source.user is not None:
-            raise InvalidInput("from_traffic: give `window` or `user`, not both (users are counted over all time)",
-                               param="from_traffic.window")
-        if req.budget is not None:  # before the traffic: it depends on the base alone
-            check_budget(self.base.config.routed_counts(), req.budget)
-        await collector.collect()
-        tally = collector.book.tally(source.model, window=window, user=source.user, now=time.time())
-        if source.user is not None and tally.seen == 0:
-            raise NotEnoughTraffic(f"no traffic from user {source.user!r} to `{source.model}` has been observed",
-                                   param="from_traffic.user")
-        if tally.seen < source.min_tokens:
-            raise NotEnoughTraffic(f"{tally.seen} tokens of traffic to `{source.model}` observed"
-                                   + (f" from user {source.user!r}" if source.user else "")
-                                   + f", fewer than min_tokens {source.min_tokens}")
-        scores = live_scores.scores_from_tally(self.base, tally, req.method, dtype=self._engine_dtype())
-        sizes = req.sizes
-        if req.budget is not None:
-            sizes = budget_sizes(scores.scores, scores.routed, req.budget)
-        spec = scores.to_subset(req.size, fraction=req.fraction, sizes=sizes, name=req.name, checkpoint=self.base)
-        spec.provenance.details.update(scored_by="traffic", from_traffic={
-            "model": source.model, "user": source.user, "window": window, "tokens": tally.seen})
-        return spec, scores
-
-    def _engine_dtype(self) -> str:
-        return self.settings.dtype if self.settings.dtype != "auto" else str(self.base.config.torch_dtype or "auto")
-
-    # -- routing statistics --------------------------------------------------------------------
-    def _router(self, model: str) -> str:
-        """How much of the base's router the model's engine holds (see `Drift.router`)."""
-        engine = self.placement.engine_of(model)
-        if not isinstance(self.placement, SharedPlacement):
-            return "none"
-        if engine is None:
-            return "full" if self.settings.serve_base else "partial"
-        return "full" if self.placement.local_ids(engine.model_id) is None else "partial"
-
-    def drift(self, name: str, window: float | None = None) -> Drift | None:
-        if self.routing is None:
-            return None
-        tally = self.routing.book.tally(name, window=window, now=time.time())
-        router = self._router(name)
-        return Drift(mass_outside=tally.drift if router != "none" else None, tokens=tally.seen, window=window,
-                     router=router)
-
-    def _routing_model(self, model: str) -> tuple[str, list[list[int]] | None]:
-        """(kind, kept experts) of a model with routing statistics, or 404."""
-        if model == self.base_id:
-            return "base", None
-        record = self.registry.records.get(model)
-        if record is None:
-            raise UnknownModel(model)
-        return "subset", record.spec.experts if record.spec is not None else None
-
-    async def routing_of(self, model: str, *, window: float | None, user: str | None) -> tuple[ModelRouting, Tally]:
-        collector = self._routing_on()
-        kind, kept = self._routing_model(model)
-        window = check_window(window, self.settings.routing_retention)
-        if window is not None and user is not None:
-            raise InvalidInput("give `window` or `user`, not both (users are counted over all time)", param="window")
-        await collector.collect()
-        book = collector.book
-        tally = book.tally(model, window=window, user=user, now=time.time())
-        if user is not None and tally.seen == 0:
-            raise NotEnoughTraffic(f"no traffic from user {user!r} to `{model}` has been observed", param="user")
-        means = tally.scores("usage")
-        layers = [LayerRoutingStats(layer=i, tokens=int(tally.tokens[i]), counts=tally.counts[i].tolist(),
-                                    mass=means[i], kept=kept[i] if kept else None)
-                  for i in range(len(tally.tokens))]
-        usage = book.models.get(model)
-        drift = self.drift(model, window) if kind == "subset" else None
-        series = [DriftPoint(start=start, mass_outside=t.drift, tokens=t.seen) for start, t in book.series(model)]
-        return ModelRouting(model=model, kind=kind, window=window, user=user, since=usage.since if usage else None,
-                            tokens=tally.seen, layers=layers, drift=drift, drift_series=series), tally
-
-    async def routing_png(self, model: str, *, window: float | None, user: str | None) -> bytes:
-        stats, tally = await self.routing_of(model, window=window, user=user)
-        cfg = self.base.config
-        kept = [layer.kept or [] for layer in stats.layers] if stats.kind == "subset" else None
-        shared = [cfg.layer_routing(i).shared_ids for i in range(cfg.num_hidden_layers)]
-        what = f"{user!r}'s" if user else ("the last " + f"{window:g} s of" if window else "all")
-        title = f"{model}: router mass per expert, {what} traffic ({stats.tokens} tokens)"
-        return await asyncio.to_thread(heatmap_png, scores=tally.scores("usage"), kept=kept, shared=shared,
-                                       title=title, experts_per_layer=cfg.experts_per_layer)
 
     def subset_scores(self, name: str) -> Scores | None:
         """The scores a subset was chosen by, if one profiling run (or traffic) chose it."""

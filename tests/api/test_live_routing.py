@@ -215,6 +215,8 @@ def test_bad_routing_queries(admin: httpx.Client, path: str, params: dict, statu
     ({"from_traffic": {"model": BASE, "min_tokens": 10**9}, "fraction": 0.25}, 400, "from_traffic.min_tokens"),
     ({"from_traffic": {"model": BASE, "user": "nobody-at-all"}, "fraction": 0.25}, 400, "from_traffic.user"),
     ({"from_traffic": {"model": BASE, "window": 0}, "fraction": 0.25}, 400, "from_traffic.window"),
+    ({"from_traffic": {"model": BASE, "window": 60, "user": "tenant-code"}, "fraction": 0.25}, 400,
+     "from_traffic.window"),                                                       # users: all time only
     ({"from_traffic": {"model": BASE}}, 400, None),                                # no size
     ({"from_traffic": {"model": BASE}, "max_loss_increase": 0.1}, 400, None),     # needs examples
     ({"from_traffic": {"model": BASE}, "fraction": 0.25, "method": "easy_ep"}, 400, None),
