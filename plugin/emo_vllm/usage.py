@@ -278,15 +278,17 @@ def capture_routing(router_logits: torch.Tensor, layer: int) -> torch.Tensor:
     a batch-1 decode step of the demo (bench/bench_capture_ab.py)."""
     if torch.compiler.is_compiling():
         return torch.ops.vllm.emo_capture_routing(router_logits, layer)
+    return _tally(router_logits, layer)
+
+
+def _tally(router_logits: torch.Tensor, layer: int) -> torch.Tensor:
     if _USAGE is not None:
         _USAGE.capture(layer, router_logits)
     return router_logits
 
 
 def _capture_routing(router_logits: torch.Tensor, layer: int) -> torch.Tensor:
-    if _USAGE is not None:
-        _USAGE.capture(layer, router_logits)
-    return router_logits.clone()  # an op's output may not alias its input
+    return _tally(router_logits, layer).clone()  # an op's output may not alias its input
 
 
 def _capture_routing_fake(router_logits: torch.Tensor, layer: int) -> torch.Tensor:
