@@ -65,7 +65,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shared import (MODELS_DIR, ServerProcess, Stream, client, cpu_seconds, first_token_time, free_port,  # noqa: E402
-                          proc_mem, read_jsonl, stream_once)
+                          proc_mem, read_jsonl, run_recorded, stream_once)
 
 EMO_SERVE = str(Path(sys.executable).parent / "emo-serve")
 DOMAINS = ["code", "prose", "legal", "math"]
@@ -426,14 +426,9 @@ def main() -> None:
                         print(f"{kind} round {rnd + 1} capture {cap.upper()}", flush=True)
                         res: dict[str, Any] = {"round": rnd + 1}
                         results[kind][cap].append(res)
-                        try:
-                            run_server(kind, capture, args, work, rnd, res)
-                        except Exception as exc:  # one failed server must not lose the others' numbers
-                            print(f"{kind} round {rnd + 1} capture {cap.upper()}: FAILED: {exc!r}", flush=True)
-                            res["error"] = repr(exc)
-                            log = work / f"server-{kind}-{cap}-{rnd}.log"
-                            if log.exists():
-                                print("  server log tail:\n    " + "\n    ".join(log.read_text().splitlines()[-20:]))
+                        run_recorded(f"{kind} round {rnd + 1} capture {cap.upper()}", res,
+                                     work / f"server-{kind}-{cap}-{rnd}.log",
+                                     run_server, kind, capture, args, work, rnd, res)
                         res["seconds"] = time.perf_counter() - t0
                         print(f"{kind} round {rnd + 1} capture {cap.upper()}: {res['seconds']:.0f} s", flush=True)
         except (KeyboardInterrupt, SystemExit) as exc:  # stopped from outside: report what was measured

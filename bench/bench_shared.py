@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,18 @@ def plan_subsets(args: argparse.Namespace, work: Path) -> Plan:
     return Plan(model=args.model, base_id=derive_model_id(args.model), manifests=manifests, experts=experts,
                 union=union, prompts=prompts, fresh=fresh, fresh_examples=heldout["code"][:5], weights=weights,
                 profile_seconds=seconds)
+
+
+def run_recorded(label: str, res: dict[str, Any], log: Path, run: Callable[..., None], *args: Any) -> None:
+    """`run(*args)`, one server's measurements: a failure is recorded in `res` (with its server
+    log's tail) rather than raised, so one failed server does not lose the others' numbers."""
+    try:
+        run(*args)
+    except Exception as exc:
+        print(f"{label}: FAILED: {exc!r}", flush=True)
+        res["error"] = repr(exc)
+        if log.exists():
+            print("  server log tail:\n    " + "\n    ".join(log.read_text().splitlines()[-20:]), flush=True)
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -649,14 +662,8 @@ def main() -> None:
                 res: dict[str, Any] = {}
                 results[side].append(res)
                 print(f"round {rnd + 1} side {side} ({SIDE_NAMES[side]})", flush=True)
-                try:
-                    run_side(side, plan, args, work, rnd, rnd < creation_rounds, res)
-                except Exception as exc:  # one failed side must not lose the others' numbers
-                    print(f"round {rnd + 1} side {side}: FAILED: {exc!r}", flush=True)
-                    res["error"] = repr(exc)
-                    log = work / f"server-{side}-{rnd}.log"
-                    if log.exists():
-                        print("  server log tail:\n    " + "\n    ".join(log.read_text().splitlines()[-15:]))
+                run_recorded(f"round {rnd + 1} side {side}", res, work / f"server-{side}-{rnd}.log",
+                             run_side, side, plan, args, work, rnd, rnd < creation_rounds, res)
                 print(f"round {rnd + 1} side {side}: {time.perf_counter() - t0:.0f} s", flush=True)
         summary = report(results, plan, args)
     out = {"model": plan.model, "subset_size": args.subset_size, "rounds": args.rounds, "dtype": args.dtype,
