@@ -161,7 +161,8 @@ class Checkpoint:
             names = [os.path.basename(p) for p in self.fs.ls(self.root, detail=False)]
         except (OSError, NotImplementedError):
             # A location that cannot be listed (a plain HTTP server without directory pages):
-            # nothing to refuse by name; only safetensors files named by the index are read anyway.
+            # nothing to refuse by name. The caller raises "no index or single file" next anyway,
+            # and only safetensors files named by the index are ever read.
             return
         unsafe = [n for n in names if n.endswith(UNSAFE_WEIGHT_SUFFIXES)]
         if unsafe:
