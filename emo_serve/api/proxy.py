@@ -30,6 +30,7 @@ from .errors import error_body
 
 _USAGE = b'"usage":{'
 _NO_CHOICES = b'"choices":[]'
+_DONE = b"data: [DONE]"
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -195,6 +196,7 @@ class ProxyStream(StreamingResponse):
         self.rename, self.timeouts = rename, timeouts
         self.outcome: int | str = "cancelled"
         self.last_usage: Any = None  # counted once, when the stream ends
+        self._counted = False
         super().__init__(self._events(), status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _events(self) -> AsyncIterator[bytes]:
@@ -207,6 +209,8 @@ class ProxyStream(StreamingResponse):
                     event, buf = buf[: end + 2], buf[end + 2 :]
                     if _USAGE in event and self._usage(event):
                         continue
+                    if event.startswith(_DONE):
+                        self._count_usage()
                     yield self.rename(event)
             if buf:
                 yield self.rename(buf)
@@ -231,6 +235,14 @@ class ProxyStream(StreamingResponse):
             return False
         return self.drop_usage and _NO_CHOICES in event
 
+    def _count_usage(self) -> None:
+        """Count the stream's tokens once: before `[DONE]` reaches the client (so a scrape made
+        as soon as the client is done sees them; the response's own end is sent later, and its
+        clean-up runs later still), or at clean-up for a stream that broke off before it."""
+        if not self._counted:
+            self._counted = True
+            self.recorder.usage(self.last_usage)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_bounded(message: Message) -> None:
             # uvicorn's send waits while the client's socket buffer is full: a client that stops
@@ -249,7 +261,7 @@ class ProxyStream(StreamingResponse):
         finally:
             _close(self.upstream, finished=self.outcome == 200)
             self.lease.release()
-            self.recorder.usage(self.last_usage)
+            self._count_usage()
             self.recorder.finish(self.outcome)
 
 
