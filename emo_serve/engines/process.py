@@ -31,6 +31,12 @@ ENGINE_BASE_URL = "http://engine"  # the host part is ignored on a Unix socket
 HEALTH_POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 20.0
 LOG_TAIL_LINES = 25
+# A pooled connection must be dropped by the client before the engine's uvicorn closes it
+# (vLLM's default idle keep-alive is 5 s, aiohttp's 15 s): otherwise a request sent on it as the
+# engine closes it fails ("Can not write request body", "Connection reset by peer") — a
+# spurious 503 for a user, a skipped routing collection every few passes of a 5 s collector.
+ENGINE_KEEP_ALIVE_SECONDS = 75
+CLIENT_KEEP_ALIVE_SECONDS = 30.0
 
 
 class EngineStartError(RuntimeError):
@@ -103,6 +109,7 @@ def engine_env(extra: dict[str, str] | None = None, *, pass_hub_token: bool = Fa
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
     env["EMO_PARENT_PID"] = str(os.getpid())
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(ENGINE_KEEP_ALIVE_SECONDS)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -127,7 +134,8 @@ class EngineProcess:
         # a generation may run for minutes, and client disconnects cancel it instead.
         self.client = aiohttp.ClientSession(
             base_url=ENGINE_BASE_URL,
-            connector=aiohttp.UnixConnector(path=str(self.socket_path), limit=0),
+            connector=aiohttp.UnixConnector(path=str(self.socket_path), limit=0,
+                                            keepalive_timeout=CLIENT_KEEP_ALIVE_SECONDS),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
             auto_decompress=False,
         )

@@ -19,6 +19,7 @@ import pytest
 
 from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, engine_of, frozen
 from emo_serve.api.service import public_location
+from emo_serve.engines.process import CLIENT_KEEP_ALIVE_SECONDS
 
 pytestmark = pytest.mark.vllm
 
@@ -44,6 +45,25 @@ def test_engines_get_no_keys_or_tokens(supervised: Server) -> None:
     assert env["EMO_PARENT_PID"]
     assert not [k for k in env if k.startswith("EMO_") and k != "EMO_PARENT_PID"]
     assert "HF_TOKEN" not in env and "hf_secret_token_value" not in json.dumps(env)
+
+
+def test_an_engine_keeps_idle_connections_open_longer_than_the_front_end_does(supervised: Server) -> None:
+    """The front end pools connections to its engines and drops an idle one after
+    CLIENT_KEEP_ALIVE_SECONDS. If the engine closed it first (vLLM's default: after 5 s idle), a
+    request sent on it just as the engine closes it fails: seen as 'Can not write request body'
+    in a CI run's routing collector, and a user's request on such a connection would get a 503."""
+    pid = engine_of(supervised, "tiny")["pid"]
+    assert int(engine_environ(pid)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > CLIENT_KEEP_ALIVE_SECONDS
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    health = b"GET /health HTTP/1.1\r\nHost: engine\r\n\r\n"
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(30)
+        conn.connect(args[args.index("--uds") + 1])
+        conn.sendall(health)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(7)  # idle past vLLM's default keep-alive, then the same connection again
+        conn.sendall(health)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 def test_a_hung_engine_is_killed_failed_requests_answer_then_it_recovers(supervised: Server) -> None:

@@ -307,8 +307,11 @@ def test_subset_beyond_the_resident_experts_gets_a_larger_engine(server_factory,
             except openai.APIError as exc:
                 outcomes.append(f"error: {exc}")
             # A pause between streams: on this 2-core machine every vLLM CPU engine pins its worker
-            # to core 0, and a saturated engine would starve the one starting beside it.
-            stop.wait(1.0)
+            # to core 0, and a saturated engine would starve the one starting beside it. Longer than
+            # the 1 s a vLLM worker busy-polls its queue after each step (shm_broadcast's
+            # busy_loop_s): with a 1 s pause the old engine never went idle, and in one CI run on a
+            # slow VM the new engine's worker took 7 min to start and missed the 600 s start limit.
+            stop.wait(3.0)
 
     t = threading.Thread(target=traffic)
     t.start()
