@@ -195,7 +195,7 @@ class ProxyStream(StreamingResponse):
         self.upstream, self.lease, self.recorder, self.drop_usage = upstream, lease, recorder, drop_usage
         self.rename, self.timeouts = rename, timeouts
         self.outcome: int | str = "cancelled"
-        self.last_usage: Any = None  # counted once, when the stream ends
+        self.last_usage: Any = None  # counted once, by _count_usage
         self._counted = False
         super().__init__(self._events(), status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
 
