@@ -3,6 +3,8 @@
 vLLM calls `register()` (entry point group `vllm.general_plugins`) in every process it starts:
 the API server, the engine core and each worker. It must therefore be cheap and idempotent,
 and it registers the model by its import string, so loading the plugin imports no model code.
+It is also the first code of ours in each of those processes, so it is where the process asks
+for the CPU permission that vLLM's AMX kernels need (`emo_vllm.cpu`).
 
 Three kinds of directory then serve with no extra flag and `trust_remote_code` off::
 
@@ -28,7 +30,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from .config import EmoConfig
+    from .cpu import prepare_cpu
 
+    prepare_cpu()  # before any kernel of this process runs: AMX needs a permission (see .cpu)
     AutoConfig.register(EmoConfig.model_type, EmoConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

@@ -29,6 +29,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.fused_moe import (
@@ -66,7 +67,10 @@ from emo_serve.config import LayerRouting
 
 from . import manifest, usage
 from .config import EmoConfig
+from .cpu import cpu_summary
 from .masks import SLOTS_CONFIG, EmoExpertMasks
+
+logger = init_logger("vllm.emo_vllm.emo")
 
 RoutingFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -391,6 +395,7 @@ class EmoForCausalLM(nn.Module, SupportsPP):
         super().__init__()
         config: EmoConfig = vllm_config.model_config.hf_config
         self.config = config
+        logger.info(cpu_summary())
         self.model_dir = vllm_config.model_config.model
         self.model = EmoModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,

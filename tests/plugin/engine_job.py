@@ -1,8 +1,9 @@
 """Run one vLLM engine on a model directory, in this fresh process, and write what it produced.
 
 Usage: python engine_job.py JOB.json  (JOB: {"model", "prompts": [[token ids]], "max_tokens",
-"out"}). The result is the greedy continuation of each prompt with the logprob of every prompt
-token (from the second on) and of every generated token, as vLLM computed them.
+"out", "dtype" (float32 if absent)}). The result is the greedy continuation of each prompt with
+the logprob of every prompt token (from the second on) and of every generated token, as vLLM
+computed them.
 
 The tests run engines here rather than in the pytest process: one process holds one vLLM CPU
 engine reliably (engine shutdown leaves workers to be force-killed), and a fresh interpreter
@@ -21,8 +22,8 @@ def main(job_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     job = json.loads(Path(job_path).read_text())
-    llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=512,
-              trust_remote_code=False, seed=0)
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
+              max_model_len=512, trust_remote_code=False, seed=0)
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, logprobs=0,
                             prompt_logprobs=0, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params)

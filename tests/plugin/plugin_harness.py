@@ -44,20 +44,21 @@ class EngineRun:
     log: str
 
 
-def engine_process(model: Path, work: Path, prompts: list[list[int]] = PROMPTS
+def engine_process(model: Path, work: Path, prompts: list[list[int]] = PROMPTS, dtype: str = "float32"
                    ) -> subprocess.CompletedProcess[str]:
     """Start a vLLM engine on `model` in a fresh interpreter, generate greedily, stop it."""
     work.mkdir(parents=True, exist_ok=True)
     job = {"model": str(model), "prompts": prompts, "max_tokens": MAX_TOKENS,
-           "out": str(work / "result.json")}
+           "out": str(work / "result.json"), "dtype": dtype}
     (work / "job.json").write_text(json.dumps(job))
     return subprocess.run([sys.executable, str(ENGINE_JOB), str(work / "job.json")], cwd=work,
                           env=engine_env(), capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
 
 
-def run_engine(model: Path, work: Path, prompts: list[list[int]] = PROMPTS) -> EngineRun:
+def run_engine(model: Path, work: Path, prompts: list[list[int]] = PROMPTS,
+               dtype: str = "float32") -> EngineRun:
     """`engine_process` that must succeed; its results parsed."""
-    proc = engine_process(model, work, prompts)
+    proc = engine_process(model, work, prompts, dtype)
     log = proc.stdout + proc.stderr
     (work / "engine.log").write_text(log)  # kept with the session's temp dirs, for reading
     if proc.returncode != 0:

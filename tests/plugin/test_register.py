@@ -8,10 +8,10 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from plugin_harness import remote_code_markers
+
 import emo_vllm
 from emo_vllm.config import EmoConfig
-
-from plugin_harness import remote_code_markers
 
 
 def test_entry_point_is_declared() -> None:
@@ -33,12 +33,13 @@ def test_register_is_idempotent_and_registers_by_string() -> None:
 
 def test_register_imports_no_model_code() -> None:
     """What vLLM does in every process: load the entry point, call it. The model module (and
-    with it vLLM's layers) must only be imported when a model is built."""
+    with it vLLM's layers) must only be imported when a model is built (`cpu` only asks for the
+    CPU's AMX permission: no torch, no vLLM)."""
     code = ("import sys, emo_vllm; emo_vllm.register(); "
             "print(sorted(m for m in sys.modules if m.startswith('emo_vllm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          check=True).stdout
-    assert out.strip().splitlines()[-1] == "['emo_vllm', 'emo_vllm.config']"
+    assert out.strip().splitlines()[-1] == "['emo_vllm', 'emo_vllm.config', 'emo_vllm.cpu']"
 
 
 def test_vllm_resolves_auto_map_config_without_remote_code(hub_style_ckpt: Path) -> None:
