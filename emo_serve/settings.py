@@ -102,10 +102,18 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="request header limit",
                                   json_schema_extra=_TUNING)
     max_n: int = Field(16, ge=1, description="largest `n` per request", json_schema_extra=_TUNING)
+    max_choices: int = Field(64, ge=1, description="choices per request: `n` (or `best_of`) times the prompts "
+                             "of a prompt list (400 beyond)", json_schema_extra=_TUNING)
+    max_request_tokens: int | None = Field(None, ge=1, description="tokens one request may ask for: choices "
+                                           "times `max_tokens` (the context length where absent); default "
+                                           "`max_n` full contexts (400 beyond)", json_schema_extra=_TUNING)
     max_examples: int = Field(64, ge=1, description="profiling examples per subset", json_schema_extra=_TUNING)
     max_example_chars: int = Field(200_000, ge=1, description="characters per profiling example",
                                    json_schema_extra=_TUNING)
-    max_profiling_jobs: int = Field(8, ge=1, description="profiling jobs queued or running at once (429 beyond)",
+    max_profiling_jobs: int = Field(8, ge=1, description="profiling jobs queued or running at once, those "
+                                    "scored in a live engine included (429 beyond)", json_schema_extra=_TUNING)
+    max_profile_tokens: int = Field(32_768, ge=1, description="tokens of one subset's examples after truncation, "
+                                    "summed (400 beyond): a live engine prefills them between completions",
                                     json_schema_extra=_TUNING)
     routing_interval: float = Field(5.0, gt=0, le=3600, description="seconds between collections of the "
                                     "engines' routing counters", json_schema_extra=_TUNING)

@@ -26,11 +26,12 @@ from ..engines import Lease, ModelUnavailable
 from ..engines.manager import UpstreamTimeout
 from ..engines.placement import MODEL_ARG, ROW_ARG, USER_ARG
 from ..metrics import Metrics
-from .errors import error_body
+from .errors import APIError, error_body
 
 _USAGE = b'"usage":{'
 _NO_CHOICES = b'"choices":[]'
 _DONE = b"data: [DONE]"
+_ERROR_EVENT = b'data: {"error"'
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -77,6 +78,21 @@ def _unavailable(model: str, exc: BaseException, timeout: float | None = None,
         return UpstreamTimeout(f"the engine of `{model}` did not answer within {timeout:.0f} s")
     return ModelUnavailable(f"the engine of `{model}` failed during the request ({type(exc).__name__}); "
                             "it restarts on the next request")
+
+
+# vLLM's own answers when its engine core fails: 500 "EngineCore encountered an issue" for the
+# request that meets the dead core (then the API server exits), 503 while it shuts down.
+ENGINE_FAILED = (500, 503)
+
+
+async def _engine_failed(lease: Lease, model: str) -> ModelUnavailable | APIError:
+    """The error for a request the engine answered with a server error, whose body (a stack-trace
+    pointer, vLLM's internals) is never shown. A dead engine is a 503 `model_unavailable` with
+    Retry-After, and is restarted; a live one that failed this request alone a plain 500."""
+    if not await lease.check_engine():
+        return ModelUnavailable(f"the engine of `{model}` failed during the request; it is restarting, "
+                                "retry shortly")
+    return APIError(500, f"the engine of `{model}` could not complete the request", code="engine_error")
 
 
 def _close(upstream: aiohttp.ClientResponse, *, finished: bool) -> None:
@@ -163,15 +179,21 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
     status: int | str = upstream.status
     try:
         body = await upstream.read()
+        if upstream.status in ENGINE_FAILED:
+            failure = await _engine_failed(lease, recorder.model)
+            status = failure.status if isinstance(failure, APIError) else 503
+            raise failure
     except UPSTREAM_ERRORS as exc:
         error = _unavailable(recorder.model, exc, read_timeout, lease.aborted)
         status = 504 if isinstance(error, UpstreamTimeout) else 503
         raise error from None
+    except (APIError, ModelUnavailable):
+        raise
     except BaseException:
         status = "cancelled"
         raise
     finally:
-        _close(upstream, finished=status == upstream.status)
+        _close(upstream, finished=status == upstream.status or upstream.status in ENGINE_FAILED)
         lease.release()
         recorder.finish(status)
     if upstream.status == 200:
@@ -209,6 +231,13 @@ class ProxyStream(StreamingResponse):
                     event, buf = buf[: end + 2], buf[end + 2 :]
                     if _USAGE in event and self._usage(event):
                         continue
+                    if event.startswith(_ERROR_EVENT) and not await self.lease.check_engine():
+                        # The engine core died mid-stream: say so as ours (503), not vLLM's 500.
+                        self.outcome = 503
+                        yield self._error_event(ModelUnavailable(
+                            f"the engine of `{self.recorder.model}` failed during the request; it is "
+                            "restarting, retry shortly"))
+                        return
                     if event.startswith(_DONE):
                         self._count_usage()
                     yield self.rename(event)
@@ -219,9 +248,13 @@ class ProxyStream(StreamingResponse):
             # Headers are sent; all that's left is an error event, as vLLM itself streams errors.
             error = _unavailable(self.recorder.model, exc, self.timeouts.idle, self.lease.aborted)
             self.outcome = 504 if isinstance(error, UpstreamTimeout) else 503
-            code = "upstream_timeout" if isinstance(error, UpstreamTimeout) else "model_unavailable"
-            err = error_body(self.outcome, str(error), code=code)
-            yield b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
+            yield self._error_event(error)
+
+    def _error_event(self, error: ModelUnavailable) -> bytes:
+        """An error as the stream's last event, then `[DONE]`, as vLLM itself streams errors."""
+        status = 504 if isinstance(error, UpstreamTimeout) else 503
+        code = "upstream_timeout" if isinstance(error, UpstreamTimeout) else "model_unavailable"
+        return b"data: " + json.dumps(error_body(status, str(error), code=code)).encode() + b"\n\ndata: [DONE]\n\n"
 
     def _usage(self, event: bytes) -> bool:
         """Keep the newest usage (with `continuous_usage_stats` every chunk carries the running

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .errors import APIError, from_exception
-from .limits import check_prompt
+from .limits import check_encodable, check_prompt, check_size
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .proxy import Recorder, cancel_on_disconnect, forward
 from .service import EmoService
@@ -55,8 +55,9 @@ class OpenAIServing:
     async def _check(self, body: GenerationRequest) -> None:
         """The front end's own bounds (vLLM checks the sampling parameters themselves)."""
         s, limit = self.service.settings, self.service.max_model_len
-        if body.n > s.max_n:
-            raise APIError(400, f"n = {body.n} is more than the limit of {s.max_n}", param="n")
+        check_size(body, max_n=s.max_n, max_choices=s.max_choices, context=limit,
+                   max_tokens=s.max_request_tokens or s.max_n * limit)
+        check_encodable(body.payload())
         out = body.output_tokens
         if out is not None and out > limit:
             param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"

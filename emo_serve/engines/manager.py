@@ -166,6 +166,10 @@ class Lease:
         if self.upstream is not None:
             self.upstream.close()
 
+    async def check_engine(self) -> bool:
+        """After the engine failed this request (see `EngineManager.check_after_failure`)."""
+        return await self._manager.check_after_failure(self.engine, self.proc)
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -367,8 +371,8 @@ class EngineManager:
             engine.failures = 1 if stable else engine.failures + 1
             engine.state, engine.proc, engine.failed_at = EngineState.STOPPED, None, time.monotonic()
             engine.crashed = True
-            if proc.probe_failed:
-                engine.error = f"the engine of `{engine.model_id}` stopped answering its health probe"
+            if proc.failure:
+                engine.error = f"the engine of `{engine.model_id}` {proc.failure}"
             else:
                 engine.error = f"the engine of `{engine.model_id}` exited with code {code}"
             engine.error += "; it restarts on the next request"
@@ -393,9 +397,27 @@ class EngineManager:
             misses += 1
             log.warning("engine missed a health probe", extra={"model": engine.model_id, "misses": misses})
             if misses >= self.probe.misses:
-                proc.probe_failed = True
+                proc.failure = "stopped answering its health probe"
                 proc.signal_group(signal.SIGKILL)
                 return
+
+    async def check_after_failure(self, engine: Engine, proc: EngineProcess, timeout: float = 5.0) -> bool:
+        """Whether an engine that just failed a request or a control call is still healthy.
+
+        vLLM answers a request that meets a dead engine core (a worker killed, a kernel crash)
+        with its own 500, and `/health` with 503 from then on; its API server exits only a moment
+        later. One immediate probe tells the two apart: a dead engine is killed now, so the crash
+        path marks it down and the next request restarts it, instead of each request in between
+        meeting the same corpse until the periodic probe notices."""
+        if engine.proc is not proc or proc.proc is None or proc.proc.returncode is not None:
+            return False  # already gone (the crash path owns it)
+        if await proc.healthy(timeout):
+            return True
+        log.error("engine failed a request and its health check; killing it so it restarts",
+                  extra={"model": engine.model_id, "pid": proc.pid})
+        proc.failure = "failed a request and then its health check"
+        proc.signal_group(signal.SIGKILL)
+        return False
 
     async def _stop(self, engine: Engine, grace: float = STOP_GRACE_SECONDS) -> None:
         proc, task = engine.proc, engine.task

@@ -362,6 +362,10 @@ class SharedPlacement(Placement):
             return lease
         try:
             await self._install(lease, model)
+        except EngineStartError:  # a dead engine refuses control calls: 503, and it restarts
+            lease.release()
+            await lease.check_engine()
+            raise
         except BaseException:
             lease.release()
             raise

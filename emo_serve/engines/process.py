@@ -25,6 +25,8 @@ from typing import Any
 
 import aiohttp
 
+from ..errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 ENGINE_BASE_URL = "http://engine"  # the host part is ignored on a Unix socket
@@ -39,10 +41,11 @@ ENGINE_KEEP_ALIVE_SECONDS = 75
 CLIENT_KEEP_ALIVE_SECONDS = 30.0
 
 
-class EngineStartError(RuntimeError):
-    """The engine exited or did not become healthy in time. The message is short and safe to show
-    to any client (no log lines, paths or locations); `detail` is the engine's log tail, for the
-    server log and admins."""
+class EngineStartError(Unavailable):
+    """The engine exited, did not become healthy in time, or refused a control call. The message
+    is short and safe to show to any client (no log lines, paths or locations); `detail` is the
+    engine's log tail or answer, for the server log and admins. A kind of `Unavailable`, so any
+    path it escapes from answers 503 with Retry-After (a dead engine restarts)."""
 
     def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
@@ -123,7 +126,7 @@ class EngineProcess:
         self.model_dir = model_dir
         self.opts = opts
         self.extra_args, self.extra_env = extra_args, env
-        self.probe_failed = False  # killed by the manager's health probe
+        self.failure: str | None = None  # why the manager killed it (a missed probe, a failed check)
         # Shared-memory files the engine's processes map (vLLM's message queues); a killed
         # engine cannot remove them, so `stop` does once the whole group is gone.
         self.shm_segments: set[Path] = set()
@@ -188,12 +191,16 @@ class EngineProcess:
         """Call a worker method through the engine's `/collective_rpc` (only shared engines are
         started with it, on their private socket); one result per worker."""
         body = {"method": method, "args": list(args)}
-        async with self.client.post("/collective_rpc", json=body,
-                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            if r.status != 200:
-                raise EngineStartError(f"the engine of `{self.model_id}` refused the control call {method}",
-                                       f"{method} answered {r.status}: {(await r.text())[:2000]}")
-            return list((await r.json()).get("results") or [])
+        try:
+            async with self.client.post("/collective_rpc", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status != 200:
+                    raise EngineStartError(f"the engine of `{self.model_id}` refused the control call {method}",
+                                           f"{method} answered {r.status}: {(await r.text())[:2000]}")
+                return list((await r.json()).get("results") or [])
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # a dead, dying or stalled engine
+            raise EngineStartError(f"the engine of `{self.model_id}` did not answer the control call {method}",
+                                   repr(exc)) from exc
 
     async def wait(self) -> int:
         assert self.proc is not None

@@ -9,6 +9,8 @@ purpose because nothing else hangs vLLM on demand.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, engine_of, frozen
+from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, descendants, engine_of, frozen
 from emo_serve.api.service import public_location
 from emo_serve.engines.process import CLIENT_KEEP_ALIVE_SECONDS
 
@@ -86,6 +88,66 @@ def test_a_hung_engine_is_killed_failed_requests_answer_then_it_recovers(supervi
     assert out.status_code == 200, out.text
     assert httpx.get(f"{supervised.url}/ready").status_code == 200
     assert engine_of(supervised, "tiny")["crashes"] == 1
+
+
+def vllm_workers(engine_pid: int) -> list[int]:
+    """The engine's worker processes (vLLM titles them `VLLM::Worker...`): where the model runs."""
+    out = []
+    for pid in descendants(engine_pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if title.startswith("VLLM::Worker"):
+            out.append(pid)
+    return out
+
+
+def test_a_dead_worker_answers_503_everywhere_then_the_engine_restarts(supervised: Server) -> None:
+    """Kill the process that runs the model (what a SIGILL in a kernel does), not the API server:
+    vLLM then answers the next request with its own 500 "EngineCore encountered an issue" and
+    its control calls fail. Clients must get the OpenAI-shaped 503 with Retry-After instead, for
+    completions and for a subset whose mask row must be installed, and the engine must restart."""
+    client, admin = supervised.client(API_KEY), supervised.client(ADMIN_KEY)
+    engine = engine_of(supervised, "tiny")
+    workers = vllm_workers(engine["pid"])
+    assert workers, f"no VLLM::Worker process under the engine {engine['pid']}"
+    os.kill(workers[0], signal.SIGKILL)
+
+    created = admin.post("/v1/subsets", json={"name": "made-while-dead", "experts": [0, 1, 2, 3], "load": True},
+                         timeout=120)
+    assert created.status_code != 500, created.text
+    if created.status_code >= 400:
+        assert_error(created, 503)
+        assert created.headers.get("retry-after"), created.headers
+    answers = [client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}, timeout=120)
+               for model in ("tiny", "made-while-dead")]
+    for r in answers:
+        err = assert_error(r, 503)
+        assert err["code"] == "model_unavailable" and r.headers.get("retry-after"), r.headers
+        assert "EngineCore" not in r.text and "stack trace" not in r.text
+    deadline = time.monotonic() + 600
+    while True:  # restarted on demand: each request until then is a 503, never a 500
+        out = client.post("/v1/completions", json={"model": "made-while-dead", "prompt": "x", "max_tokens": 1},
+                          timeout=120)
+        if out.status_code == 200:
+            break
+        assert_error(out, 503)
+        assert time.monotonic() < deadline, "the engine did not come back within 600 s"
+        time.sleep(2)
+    assert engine_of(supervised, "tiny")["crashes"] == engine["crashes"] + 1
+    assert engine_of(supervised, "tiny")["pid"] != engine["pid"]
+
+
+def test_the_issues_bodies_cannot_get_around_max_n(supervised: Server) -> None:
+    """Default limits (--max-n 16, 64 choices): prompt lists multiplied n to 16,000 choices."""
+    client = supervised.client(API_KEY)
+    for body in ({"model": "tiny", "prompt": ["hi"] * 1000, "n": 16, "max_tokens": 1},
+                 {"model": "tiny", "prompt": ["hello there"] * 200, "n": 16, "max_tokens": 64}):
+        err = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
+        assert "choices" in err["message"]
+    ok = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 4, ok.text
 
 
 def test_a_client_that_stops_reading_is_dropped(supervised: Server) -> None:

@@ -110,6 +110,14 @@ def test_unknown_model_is_404(frontend: Server, user: httpx.Client) -> None:
     ({"model": "explicit-a", "prompt": "x", "max_tokens": 4096}, "max_tokens"),  # context is 2048
     ({"model": "explicit-a", "prompt": "x", "stream_options": 3}, "stream_options"),
     ({"model": "explicit-a", "prompt": {"a": 1}}, None),
+    # a prompt list multiplies n: 4,000 and 800 choices, past the 64 allowed (--max-choices)
+    ({"model": "explicit-a", "prompt": ["hi"] * 1000, "n": 4, "max_tokens": 1}, "prompt"),
+    ({"model": "explicit-a", "prompt": ["hello there"] * 200, "n": 4, "max_tokens": 64}, "prompt"),
+    ({"model": "explicit-a", "prompt": [[416, 224]] * 65, "max_tokens": 1}, "prompt"),
+    ({"model": "explicit-a", "prompt": "a", "best_of": 65, "max_tokens": 1}, "best_of"),
+    # 64 choices x 1,024 tokens: past the default token bound (--max-n 4 contexts of 2,048)
+    ({"model": "explicit-a", "prompt": ["a"] * 16, "n": 4, "max_tokens": 1024}, "max_tokens"),
+    ({"model": "explicit-a", "prompt": ["a"] * 16, "n": 4}, "max_tokens"),  # absent: the context each
 ])
 def test_bad_completion_requests_are_400(user: httpx.Client, explicit: dict, body: dict, param: str | None) -> None:
     err = assert_error(user.post("/v1/completions", json=body), 400)
@@ -123,6 +131,19 @@ def test_bad_chat_requests_are_400(user: httpx.Client, explicit: dict) -> None:
     assert_error(user.post("/v1/chat/completions", json={"model": "explicit-a", "messages": [{"role": "user"}],
                                                          "max_completion_tokens": 10**6}), 400,
                  param="max_completion_tokens")
+
+
+@pytest.mark.parametrize("raw, param", [
+    (r'"user": "tenant-\ud800"', "user"),
+    (r'"vllm_xargs": {"tag": "x\udfff"}', "vllm_xargs.tag"),
+    (r'"prompt": ["fine", "\ud83d broken"]', "prompt.1"),
+])
+def test_lone_surrogates_are_400_naming_the_field(user: httpx.Client, explicit: dict, raw: str, param: str) -> None:
+    """Valid JSON, invalid Unicode: vLLM answered these with a 500 (UnicodeEncodeError)."""
+    body = '{"model": "explicit-a", "prompt": "x", "max_tokens": 1, ' + raw + "}"
+    r = user.post("/v1/completions", content=body.encode(), headers={"content-type": "application/json"})
+    err = assert_error(r, 400, param=param)
+    assert "surrogate" in err["message"]
 
 
 def test_malformed_json_is_400(user: httpx.Client) -> None:
