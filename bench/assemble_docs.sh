@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
     echo "Latest results of the scripts in \`bench/\`, one section per area (sources: \`docs/benchmarks/*.md\`)."
     echo "Machine: the project's development machine — $(nproc)-core $(uname -m) CPU," \
          "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, no GPU; assembled $(date -u +%F)."
-    echo "Each section gives its own run's date and machine load."
+    echo "CPU paths of the machine that assembled it: $(grep -o 'avx2\|avx512f\|amx_tile' /proc/cpuinfo | sort -u | paste -sd, -)."
+    echo "Machines differ (some AVX2 only, some AVX-512 with AMX, which vLLM's CPU kernels take for bf16): each"
+    echo "section gives its own run's date, load and CPU flags; a section without flags predates recording them."
     for area in foundation plugin profiler server shared routing soak quality; do
         [ -f "docs/benchmarks/$area.md" ] || continue
         echo
