@@ -2,13 +2,23 @@
 
 Uses matplotlib's object API with the Agg canvas, never pyplot, so it neither needs a display
 nor changes the backend of a program that imports it.
+
+The server draws them for `/ui` and its refreshes: a `Heatmap` names what a picture shows by a
+digest of its inputs (`etag`), and `HeatmapCache` draws each such picture once, so an unchanged
+heatmap costs a hash rather than a drawing (a few hundred ms of CPU each).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
+import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -74,6 +84,64 @@ def heatmap_png(*, scores: Sequence[Sequence[float]] | None, kept: Sequence[Sequ
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """The arguments of `heatmap_png`, and `etag`: a digest of exactly them, so two requests for
+    the same picture are known to be the same without drawing either."""
+
+    scores: Sequence[Sequence[float]] | None
+    kept: Sequence[Sequence[int]] | None
+    shared: Sequence[Sequence[int]]
+    title: str
+    experts_per_layer: Sequence[int]
+
+    @cached_property
+    def etag(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.title, self.kept, self.shared, self.experts_per_layer,
+                                            self.scores is None]).encode())
+        for row in self.scores or ():  # the bytes of each row, its length first: rows cannot run together
+            values = np.asarray(row, dtype=np.float64)
+            digest.update(len(values).to_bytes(8, "little") + values.tobytes())
+        return digest.hexdigest()[:32]
+
+    def png(self) -> bytes:
+        return heatmap_png(scores=self.scores, kept=self.kept, shared=self.shared, title=self.title,
+                           experts_per_layer=self.experts_per_layer)
+
+
+class HeatmapCache:
+    """The last `size` heatmaps drawn, by `Heatmap.etag`, drawn on a worker thread; requests for a
+    picture being drawn wait for that drawing instead of starting another. Used on one event loop."""
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self.renders = 0  # drawings made: what the cache saves is the requests beyond these
+        self._pngs: OrderedDict[str, bytes] = OrderedDict()
+        self._drawing: dict[str, asyncio.Future[bytes]] = {}
+
+    async def png(self, heatmap: Heatmap) -> bytes:
+        key = heatmap.etag
+        if (png := self._pngs.get(key)) is not None:
+            self._pngs.move_to_end(key)
+            return png
+        drawing = self._drawing.get(key)
+        if drawing is None:
+            drawing = self._drawing[key] = asyncio.ensure_future(self._draw(key, heatmap))
+        # A client that goes away cancels its own wait, not the drawing the others wait for.
+        return await asyncio.shield(drawing)
+
+    async def _draw(self, key: str, heatmap: Heatmap) -> bytes:
+        try:
+            png = await asyncio.to_thread(heatmap.png)
+        finally:
+            del self._drawing[key]
+        self.renders += 1
+        self._pngs[key] = png
+        while len(self._pngs) > self.size:
+            self._pngs.popitem(last=False)
+        return png
 
 
 def plot_profile(path: str | os.PathLike[str], *, scores: Scores | None = None,

@@ -113,12 +113,20 @@ class Settings(BaseSettings):
     max_profiling_jobs: int = Field(8, ge=1, description="profiling jobs queued or running at once, those "
                                     "scored in a live engine included (429 beyond)", json_schema_extra=_TUNING)
     max_profile_tokens: int = Field(32_768, ge=1, description="tokens of one subset's examples after truncation, "
-                                    "summed (400 beyond): a live engine prefills them between completions",
-                                    json_schema_extra=_TUNING)
+                                    "summed (400 beyond): a live engine prefills them between completions, "
+                                    "else the profiler streams the base for them", json_schema_extra=_TUNING)
     routing_interval: float = Field(5.0, gt=0, le=3600, description="seconds between collections of the "
                                     "engines' routing counters", json_schema_extra=_TUNING)
     routing_retention: float = Field(3600.0, ge=60, le=7 * 86400, description="seconds of routing history kept "
                                      "in time buckets (the largest `window`)", json_schema_extra=_TUNING)
+    routing_max_users: int = Field(1000, ge=1, le=1_000_000, description="OpenAI `user` values whose routing "
+                                   "is kept by name, per model; beyond, the least recently seen are folded into "
+                                   "one \"other users\" count (memory and each usage/<model>.json grow with it: "
+                                   "two numbers per expert and layer per user)", json_schema_extra=_TUNING)
+    routing_save_interval: float = Field(30.0, gt=0, le=3600, description="seconds between writes of one "
+                                         "model's routing counters to the state dir (each write holds all its "
+                                         "users; all are written at shutdown, a server killed outright loses at "
+                                         "most this much)", json_schema_extra=_TUNING)
     # Supervision and timeouts (a hung engine or a client that stops reading must not hold a slot).
     probe_interval: float = Field(10.0, gt=0, description="seconds between health probes of each ready engine",
                                   json_schema_extra=_TUNING)

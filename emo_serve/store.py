@@ -29,6 +29,11 @@ from .subset import MANIFEST_FILE, SubsetSpec
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".json"
+# Every directory of the state dir that the server writes through temporaries (`files`): subsets'
+# manifests and materialized dirs, routing counters (api/routing.py), profiling scores, shared
+# engines' model dirs (api/service.py) and the generated demo model (default_model.py). A write
+# cut short by kill -9 leaves a `.<name>.*.tmp` there, which the next start removes.
+STATE_DIRS = ("subsets", "materialized", "usage", "scores", "engines", "models")
 
 
 class SubsetState(str, Enum):
@@ -79,9 +84,16 @@ class SubsetStore:
         self.subsets_dir.mkdir(parents=True, exist_ok=True)
         self.materialized_dir.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, SubsetRecord] = {}
-        for directory in (self.subsets_dir, self.materialized_dir):
-            for leftover in sweep_temporaries(directory):
-                log.info("removed a temporary file left by an interrupted write", extra={"path": str(leftover)})
+        self._sweep(state_dir)
+
+    @staticmethod
+    def _sweep(state_dir: Path) -> None:
+        """Remove what interrupted writes left in the state dir; the store is made at start-up,
+        after the demo model (if any) is in place and before anything else writes there."""
+        for directory in (state_dir / name for name in STATE_DIRS):
+            if directory.is_dir():
+                for leftover in sweep_temporaries(directory):
+                    log.info("removed a temporary file left by an interrupted write", extra={"path": str(leftover)})
 
     # -- paths (names cannot escape the state dir) ---------------------------------------------
     def _child(self, parent: Path, name: str, suffix: str = "") -> Path:

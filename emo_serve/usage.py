@@ -6,6 +6,12 @@ ids and keeps, per model: the total since the counters began (persisted beside t
 restart keeps what was learnt), totals per user (what a tenant's subset is learnt from), and
 time buckets over a retention window (what `?window=` and the drift-over-time figure read).
 
+Users are whatever clients put in `user`, so their number is bounded per model (`max_users`):
+beyond it the least recently seen user is folded into one "other users" tally, which keeps the
+model's total exact and the memory and file of a model bounded however many names clients invent.
+The model's *identity* tells apart the lives of a subset name (deleted and made again): counts
+and files of another identity are never mixed into the current one.
+
 No torch here: the front end reads and writes these with numpy and JSON only.
 """
 
@@ -14,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +33,24 @@ from .errors import InvalidInput
 USAGE_FORMAT: Final = "emo-usage/v1"
 # Drained keys whose model starts with this are engine-side profiling runs, not traffic.
 PROFILE_KEY_PREFIX: Final = "emo-profile:"
+# The longest OpenAI `user` kept by name: requests with a longer one are refused (400), and the
+# routing queries accept no longer one, so a user kept is a user that can be asked for.
+MAX_USER_CHARS: Final = 256
+# Between a model's name and its incarnation in the key the engines count under (model names
+# are letters, digits, `_`, `-` and `.`: never this).
+KEY_SEPARATOR: Final = "@"
 Experts = list[list[int]]
+
+
+def usage_key(model: str, incarnation: str | None) -> str:
+    """The key a request's tokens are counted under in the engine: the model and which of its
+    lives it is (None: a model that has only one, e.g. on its own dedicated engine)."""
+    return f"{model}{KEY_SEPARATOR}{incarnation}" if incarnation else model
+
+
+def key_model(key: str) -> str:
+    """The model named by an engine key (see `usage_key`)."""
+    return key.split(KEY_SEPARATOR, 1)[0]
 
 
 class WindowOutOfRange(InvalidInput):
@@ -128,34 +151,63 @@ def from_engine(entry: dict[str, Any], layers: Sequence[int], bounds: Sequence[f
 
 @dataclass
 class ModelUsage:
-    """One model's routing: all time, per user, and in time buckets (start time, tally)."""
+    """One model's routing: all time, per user (least recently seen first) and the users beyond
+    the cap together, and in time buckets (start time, tally); `identity` is the model's life
+    these counts belong to. `touched` and `full` say what the next snapshot must copy."""
 
     total: Tally
-    users: dict[str, Tally] = field(default_factory=dict)
+    users: OrderedDict[str, Tally] = field(default_factory=OrderedDict)
+    others: Tally | None = None
     buckets: deque[tuple[float, Tally]] = field(default_factory=deque)
     since: float = 0.0
+    identity: str = ""
     dirty: bool = False
+    touched: set[str] = field(default_factory=set)  # users changed since the last snapshot
+    full: bool = True  # the next snapshot copies every user (none of this model's encoded yet)
+
+
+@dataclass
+class UsageSnapshot:
+    """One model's routing as the event loop copied it for a writer thread: only what may change
+    afterwards is copied (the total, the open bucket, the users changed since the last snapshot);
+    closed buckets never change again and are shared. `UsageEncoder` turns it into the file."""
+
+    model: str
+    usage: ModelUsage  # the live record, to tell whether the model was forgotten meanwhile
+    header: dict[str, Any]
+    total: Tally
+    others: Tally | None
+    users: list[str]  # every user kept, least recently seen first
+    changed: dict[str, Tally]  # copies of the users changed since the last snapshot (all when `complete`)
+    complete: bool
+    buckets: list[tuple[float, Tally]]  # the last one copied (still filling), the others shared
 
 
 class UsageBook:
-    """Every model's routing, fed by drained engine tallies."""
+    """Every model's routing, fed by drained engine tallies; at most `max_users` users per model."""
 
-    def __init__(self, experts_per_layer: Sequence[int], *, retention: float = 3600.0, bucket: float = 10.0) -> None:
+    def __init__(self, experts_per_layer: Sequence[int], *, retention: float = 3600.0, bucket: float = 10.0,
+                 max_users: int = 1000) -> None:
         self.experts_per_layer = list(experts_per_layer)
-        self.retention, self.bucket = retention, bucket
+        self.retention, self.bucket, self.max_users = retention, bucket, max_users
         self.models: dict[str, ModelUsage] = {}
 
-    def _model(self, model: str, now: float) -> ModelUsage:
+    def _model(self, model: str, now: float, identity: str) -> ModelUsage:
+        """The model's record; a new one when its identity changed (a subset made again under
+        the same name starts from nothing)."""
         usage = self.models.get(model)
-        if usage is None:
-            usage = self.models[model] = ModelUsage(Tally.empty(self.experts_per_layer), since=now)
+        if usage is None or usage.identity != identity:
+            usage = self.models[model] = ModelUsage(Tally.empty(self.experts_per_layer), since=now,
+                                                    identity=identity)
         return usage
 
-    def add(self, model: str, user: str, tally: Tally, now: float) -> None:
-        usage = self._model(model, now)
+    def add(self, model: str, user: str, tally: Tally, now: float, *, identity: str = "") -> None:
+        usage = self._model(model, now, identity)
         usage.total.add(tally)
-        if user:
-            usage.users.setdefault(user, Tally.empty(self.experts_per_layer)).add(tally)
+        if len(user) > MAX_USER_CHARS:  # no query can name it (the API refuses such requests)
+            self._other_users(usage).add(tally)
+        elif user:
+            self._user(usage, user).add(tally)
         if usage.buckets and usage.buckets[-1][0] > now - self.bucket:
             usage.buckets[-1][1].add(tally)
         else:
@@ -163,6 +215,34 @@ class UsageBook:
         while usage.buckets and usage.buckets[0][0] < now - self.retention:
             usage.buckets.popleft()
         usage.dirty = True
+
+    def _user(self, usage: ModelUsage, user: str) -> Tally:
+        """`user`'s tally, now the most recently seen; the least recent beyond the cap are folded
+        into the other users'."""
+        tally = usage.users.get(user)
+        if tally is None:
+            tally = usage.users[user] = Tally.empty(self.experts_per_layer)
+        else:
+            usage.users.move_to_end(user)
+        usage.touched.add(user)
+        self._evict(usage)
+        return tally
+
+    def _evict(self, usage: ModelUsage) -> None:
+        while len(usage.users) > self.max_users:
+            name, tally = usage.users.popitem(last=False)
+            usage.touched.discard(name)
+            self._other_users(usage).add(tally)
+
+    def _other_users(self, usage: ModelUsage) -> Tally:
+        if usage.others is None:
+            usage.others = Tally.empty(self.experts_per_layer)
+        return usage.others
+
+    def other_users(self, model: str) -> Tally:
+        """The users no longer kept by name (beyond `max_users`), together."""
+        usage = self.models.get(model)
+        return usage.others if usage is not None and usage.others is not None else Tally.empty(self.experts_per_layer)
 
     def tally(self, model: str, *, window: float | None = None, user: str | None = None,
               now: float) -> Tally:
@@ -188,33 +268,91 @@ class UsageBook:
         self.models.pop(model, None)
 
     # -- persistence -----------------------------------------------------------------------------
-    def snapshot(self, model: str) -> dict[str, Any]:
-        """One model's routing as a JSON document (what `load` reads back); marks it saved."""
+    def snapshot(self, model: str) -> UsageSnapshot:
+        """What a writer thread needs to save one model (see `UsageSnapshot`), copied on the event
+        loop where the book changes; marks the model saved. Costs copies of what changed since the
+        last snapshot, not of every user."""
         usage = self.models[model]
-        doc = {"format": USAGE_FORMAT, "model": model, "experts_per_layer": self.experts_per_layer,
-               "since": usage.since, "total": usage.total.to_json(),
-               "users": {u: t.to_json() for u, t in usage.users.items()},
-               "buckets": [{"start": s, "tally": t.to_json()} for s, t in usage.buckets]}
-        usage.dirty = False
-        return doc
+        names = list(usage.users) if usage.full else [u for u in usage.touched if u in usage.users]
+        buckets = list(usage.buckets)
+        if buckets:
+            buckets[-1] = (buckets[-1][0], buckets[-1][1].copy())
+        snap = UsageSnapshot(
+            model, usage, {"format": USAGE_FORMAT, "model": model, "identity": usage.identity,
+                           "experts_per_layer": self.experts_per_layer, "since": usage.since},
+            usage.total.copy(), usage.others.copy() if usage.others is not None else None, list(usage.users),
+            {u: usage.users[u].copy() for u in names}, usage.full, buckets)
+        usage.dirty, usage.full = False, False
+        usage.touched.clear()
+        return snap
 
-    def load(self, model: str, path: Path) -> None:
-        """Read one model's routing back; a file from another base shape is refused."""
+    def load(self, model: str, path: Path, *, identity: str | None = None) -> None:
+        """Read one model's routing back. Refused: a file from another base shape, or (given
+        `identity`) one of another life of the model; a file from before identities is read."""
         try:
             doc = json.loads(Path(path).read_bytes())
             if doc.get("format") != USAGE_FORMAT or doc.get("experts_per_layer") != self.experts_per_layer:
                 raise ValueError(f"not {USAGE_FORMAT} for this base")
+            stored = doc.get("identity")
+            if identity is not None and stored and stored != identity:
+                raise ValueError(f"counters of another incarnation of `{model}` ({stored}, not {identity})")
             shape = self.experts_per_layer
-            self.models[model] = ModelUsage(
+            others = doc.get("other_users")
+            usage = ModelUsage(
                 Tally.from_json(doc["total"], shape),
-                {u: Tally.from_json(t, shape) for u, t in doc.get("users", {}).items()},
+                OrderedDict((u, Tally.from_json(t, shape)) for u, t in doc.get("users", {}).items()),
+                Tally.from_json(others, shape) if others else None,
                 deque((float(b["start"]), Tally.from_json(b["tally"], shape)) for b in doc.get("buckets", [])),
-                since=float(doc.get("since", 0.0)))
+                since=float(doc.get("since", 0.0)), identity=identity if identity is not None else stored or "")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{os.fspath(path)}: unreadable routing counters ({exc})") from None
+        self._evict(usage)  # a smaller --routing-max-users than when it was written
+        self.models[model] = usage
 
     def dirty(self) -> Iterable[str]:
         return [m for m, u in self.models.items() if u.dirty]
+
+
+class UsageEncoder:
+    """Snapshots to JSON text (the document `UsageBook.load` reads), on a writer thread.
+
+    Encoding every number is the costly part of saving (tens of MB for thousands of users), so
+    each user's and each closed bucket's JSON is kept and only what a snapshot copied is encoded
+    again. One encoder per book, fed each model's snapshots in the order they were taken, one at
+    a time (the collector's saves wait for the one before).
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[str, dict[str, str]] = {}  # model -> user -> its tally's JSON
+        self._buckets: dict[str, dict[float, str]] = {}  # model -> closed bucket's start -> its JSON
+
+    def encode(self, snap: UsageSnapshot) -> str:
+        cached = {} if snap.complete else self._users.get(snap.model, {})
+        cached.update((u, _dumps(t.to_json())) for u, t in snap.changed.items())
+        self._users[snap.model] = cached = {u: cached[u] for u in snap.users}  # the evicted go
+        old = {} if snap.complete else self._buckets.get(snap.model, {})
+        closed = {start: old.get(start) or _dumps({"start": start, "tally": t.to_json()})
+                  for start, t in snap.buckets[:-1]}
+        self._buckets[snap.model] = closed
+        buckets = list(closed.values())
+        if snap.buckets:
+            start, t = snap.buckets[-1]
+            buckets.append(_dumps({"start": start, "tally": t.to_json()}))
+        head = {**snap.header, "total": snap.total.to_json(),
+                "other_users": snap.others.to_json() if snap.others is not None else None}
+        users = ",".join(f"{json.dumps(u)}:{cached[u]}" for u in snap.users)
+        return f'{_dumps(head)[:-1]},"users":{{{users}}},"buckets":[{",".join(buckets)}]}}\n'
+
+    def keep(self, models: Iterable[str]) -> None:
+        """Drop what is kept for models no longer in the book (deleted subsets)."""
+        kept = set(models)
+        for cache in (self._users, self._buckets):
+            for model in [m for m in cache if m not in kept]:
+                del cache[model]
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def check_window(window: float | None, retention: float, *, param: str = "window") -> float | None:
@@ -238,5 +376,6 @@ def budget_sizes(scores: Sequence[Sequence[float]], routed: Sequence[Sequence[in
     return sizes
 
 
-__all__ = ["NotEnoughTraffic", "PROFILE_KEY_PREFIX", "Tally", "UsageBook", "WindowOutOfRange", "budget_sizes",
-           "check_window", "from_engine"]
+__all__ = ["MAX_USER_CHARS", "NotEnoughTraffic", "PROFILE_KEY_PREFIX", "Tally", "UsageBook", "UsageEncoder",
+           "UsageSnapshot", "WindowOutOfRange", "budget_sizes", "check_window", "from_engine", "key_model",
+           "usage_key"]

@@ -6,6 +6,10 @@ memory anyone with the admin key can fill). The result is materialized on a thre
 directory of the job's own, then committed on the event loop: a subset deleted meanwhile is
 noticed there, and a re-created one of the same name is never touched. Deleting a subset cancels
 its job, queued or running (a running one's result is discarded).
+
+Examples scored in a live engine instead (`live_scores`) hold one of the same `max_jobs` places
+while they run, and their prefills pass one at a time through `prefills`, so a completion on that
+engine waits behind at most one example however many such runs are in flight.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from ..errors import Busy, EmoServeError
 from ..examples import Example
@@ -36,13 +41,36 @@ class ProfilingJobs:
         self.max_jobs = max_jobs
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emo-profile")
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._live = 0  # runs scoring examples in a live engine now
+        # One profiling prefill at a time in the engine, whichever run it belongs to: a completion
+        # then waits behind at most one example, however many runs are in flight.
+        self.prefills = asyncio.Semaphore(1)
+
+    @property
+    def in_flight(self) -> int:
+        """Profiling runs queued or running, in the worker or in a live engine."""
+        return len(self._tasks) + self._live
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.max_jobs:
+            raise Busy(f"{self.in_flight} profiling jobs are queued or running, the limit is {self.max_jobs}; "
+                       "retry later", param="examples")
+
+    @contextmanager
+    def live(self) -> Iterator[None]:
+        """Hold one of the `max_jobs` places while examples are scored in a live engine: those
+        runs load the engine every completion needs, so they count like queued jobs (429 beyond)."""
+        self._admit()
+        self._live += 1
+        try:
+            yield
+        finally:
+            self._live -= 1
 
     def start(self, name: str, examples: Sequence[Example], request: SelectionRequest,
               on_done: OnDone | None = None, on_seconds: OnSeconds | None = None) -> SubsetRecord:
         """Register `name` as profiling and profile the examples on the worker thread."""
-        if len(self._tasks) >= self.max_jobs:
-            raise Busy(f"{len(self._tasks)} profiling jobs are queued or running, the limit is {self.max_jobs}; "
-                       "retry later", param="examples")
+        self._admit()
         record = self.store.begin(name, {"method": request.method, **request.describe(),
                                          "examples": len(examples),
                                          "example_fingerprints": [e.fingerprint for e in examples]})

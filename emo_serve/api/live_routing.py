@@ -13,19 +13,28 @@ import time
 from ..checkpoint import Checkpoint
 from ..engines import EngineState, Placement, SharedPlacement, UnknownModel
 from ..engines.manager import Engine
+from ..engines.placement import BASE_SALT
 from ..errors import InvalidInput, NotFound
 from ..examples import Example
-from ..plot import heatmap_png
+from ..plot import Heatmap
 from ..profiler import Scores
 from ..selection import SelectionRequest
 from ..settings import Settings
 from ..sizing import check_budget
 from ..store import SubsetStore
 from ..subset import SubsetSpec
-from ..usage import NotEnoughTraffic, Tally, budget_sizes, check_window
+from ..usage import NotEnoughTraffic, Tally, budget_sizes, check_window, usage_key
 from . import live_scores
+from .jobs import ProfilingJobs
 from .protocol import Drift, DriftPoint, FromTraffic, LayerRoutingStats, ModelRouting, SubsetCreate
-from .routing import RoutingCollector
+from .routing import Incarnation, RoutingCollector
+
+# A read of one subset collects the engines' counts first when the last collection is older than
+# this: its drift is fresh right after a burst, yet a client polling in a loop drains the engines
+# at most once a second (a drain is a control call between every engine's steps)...
+FRESH_SECONDS = 1.0
+# ...waiting for it at most this long (an engine that stalls does not stall the read).
+FRESH_WAIT_SECONDS = 2.0
 
 
 class RoutingCaptureOff(NotFound):
@@ -43,11 +52,35 @@ class LiveRouting:
     registry: SubsetStore
     placement: Placement
     routing: RoutingCollector | None
+    jobs: ProfilingJobs
     max_model_len: int
 
     def _counted(self, model: str) -> bool:
         """Whether drained counters for `model` belong in the book (the base and live subsets)."""
         return model == self.base_id or model in self.registry.records
+
+    def _incarnation(self, model: str) -> Incarnation | None:
+        """The life of `model` whose counts the book keeps, None for a model not counted. On an
+        engine, a subset's lives differ by the cache salt its requests carry (a new one per
+        creation, for the prefix cache's sake too; `proxy.engine_payload` keys the counts with
+        it); on disk, by when its manifest was made (the base: by its fingerprint)."""
+        if model == self.base_id:
+            return Incarnation(usage_key(model, self._usage_salt(model)), self.base.fingerprint)
+        record = self.registry.records.get(model)
+        if record is None:
+            return None
+        identity = record.spec.provenance.created.isoformat() if record.spec is not None else ""
+        return Incarnation(usage_key(model, self._usage_salt(model)), identity)
+
+    def _usage_salt(self, model: str) -> str | None:
+        """The cache salt the placement gives `model`'s requests (None on dedicated engines, where
+        a subset made again gets a new engine)."""
+        if not isinstance(self.placement, SharedPlacement):
+            return None
+        if model == self.base_id:
+            return BASE_SALT
+        subset = self.placement.subsets.get(model)
+        return subset.salt if subset is not None else None
 
     # -- subsets from live routing --------------------------------------------------------------
     def _routing_on(self) -> RoutingCollector:
@@ -66,23 +99,34 @@ class LiveRouting:
             return None
         return engine
 
-    async def _subset_from_live_engine(self, req: SubsetCreate, request: SelectionRequest, examples: list[Example]
-                                       ) -> tuple[SubsetSpec, Scores] | None:
-        """Score the examples in the running base engine (see `live_scores`); None when no such
-        engine is up, or an example is longer than the engine's context (the profiler then runs)."""
-        if self.routing is None or self._live_engine(req.method, request) is None:
-            return None
+    async def _example_sequences(self, req: SubsetCreate, examples: list[Example]
+                                 ) -> tuple[list[list[int]], list[str]]:
+        """The examples' token ids as the profiler feeds them, and its truncation warnings; 400
+        when they come to more than --max-profile-tokens, wherever they would be scored."""
         sequences, warnings = await asyncio.to_thread(live_scores.tokenize, self.base, examples,
                                                       req.max_tokens_per_example)
+        live_scores.check_total(sequences, self.settings.max_profile_tokens)
+        return sequences, warnings
+
+    async def _subset_from_live_engine(self, req: SubsetCreate, request: SelectionRequest, examples: list[Example],
+                                       sequences: list[list[int]], warnings: list[str]
+                                       ) -> tuple[SubsetSpec, Scores] | None:
+        """Score the examples (`sequences`, their token ids) in the running base engine (see
+        `live_scores`); None when no such engine is up, or an example is longer than the engine's
+        context (the profiler then runs). The run holds a profiling job's place (429 when none is
+        free): it loads the engine that every completion of the base needs."""
+        if self.routing is None or self._live_engine(req.method, request) is None:
+            return None
         if max(len(ids) for ids in sequences) >= self.max_model_len:
             return None
-        lease = await self.placement.acquire(self.base_id)
-        try:
-            scores = await live_scores.score_in_engine(
-                lease, self.routing, self.base, examples, sequences, warnings, method=req.method,
-                dtype=self._engine_dtype(), timeout=self.settings.upstream_read_timeout)
-        finally:
-            lease.release()
+        with self.jobs.live():
+            lease = await self.placement.acquire(self.base_id)
+            try:
+                scores = await live_scores.score_in_engine(
+                    lease, self.routing, self.base, examples, sequences, warnings, method=req.method,
+                    dtype=self._engine_dtype(), timeout=self.settings.upstream_read_timeout, gate=self.jobs.prefills)
+            finally:
+                lease.release()
         spec = scores.to_subset(req.size, fraction=req.fraction, sizes=req.sizes, name=req.name, checkpoint=self.base)
         spec.provenance.details["scored_by"] = "engine"
         return spec, scores
@@ -119,7 +163,8 @@ class LiveRouting:
         await collector.collect()
         tally = collector.book.tally(model, window=window, user=user, now=time.time())
         if user is not None and tally.seen == 0:
-            raise NotEnoughTraffic(f"no traffic from user {user!r} to `{model}` has been observed",
+            raise NotEnoughTraffic(f"no traffic from user {user!r} to `{model}` has been observed (of the "
+                                   f"users seen, the {self.settings.routing_max_users} most recent are kept by name)",
                                    param=f"{field}user")
         return window, tally
 
@@ -136,13 +181,19 @@ class LiveRouting:
             return "full" if self.settings.serve_base else "partial"
         return "full" if self.placement.local_ids(engine.model_id) is None else "partial"
 
+    async def fresh_routing(self) -> None:
+        """Collect the engines' counts unless the last collection is under `FRESH_SECONDS` old."""
+        if self.routing is not None:
+            await self.routing.refresh(max_age=FRESH_SECONDS, wait=FRESH_WAIT_SECONDS)
+
     def drift(self, name: str, window: float | None = None) -> Drift | None:
+        """As of the last collection (`collected_at`; `fresh_routing` first for a fresh one)."""
         if self.routing is None:
             return None
         tally = self.routing.book.tally(name, window=window, now=time.time())
         router = self._router(name)
         return Drift(mass_outside=tally.drift if router != "none" else None, tokens=tally.seen, window=window,
-                     router=router)
+                     router=router, collected_at=self.routing.collected_at)
 
     def _routing_model(self, model: str) -> tuple[str, list[list[int]] | None]:
         """(kind, kept experts) of a model with routing statistics, or 404."""
@@ -167,15 +218,16 @@ class LiveRouting:
         return ModelRouting(model=model, kind=kind, window=window, user=user, since=usage.since if usage else None,
                             tokens=tally.seen, layers=layers, drift=drift, drift_series=series), tally
 
-    async def routing_png(self, model: str, *, window: float | None, user: str | None) -> bytes:
+    async def routing_heatmap(self, model: str, *, window: float | None, user: str | None) -> Heatmap:
+        """What the routing heatmap of `model` shows now (drawn by `HeatmapCache` only when that changed)."""
         stats, tally = await self.routing_of(model, window=window, user=user)
         cfg = self.base.config
         kept = [layer.kept or [] for layer in stats.layers] if stats.kind == "subset" else None
         shared = [cfg.layer_routing(i).shared_ids for i in range(cfg.num_hidden_layers)]
         what = f"{user!r}'s" if user else ("the last " + f"{window:g} s of" if window else "all")
         title = f"{model}: router mass per expert, {what} traffic ({stats.tokens} tokens)"
-        return await asyncio.to_thread(heatmap_png, scores=tally.scores("usage"), kept=kept, shared=shared,
-                                       title=title, experts_per_layer=cfg.experts_per_layer)
+        return Heatmap(scores=tally.scores("usage"), kept=kept, shared=shared, title=title,
+                       experts_per_layer=cfg.experts_per_layer)
 
 
 __all__ = ["LiveRouting", "RoutingCaptureOff"]

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..errors import SubsetError
 from ..methods import METHODS
 from ..names import validate_name
+from ..usage import MAX_USER_CHARS
 
 NAME_FIELD = Field(min_length=1, max_length=64, description="subset name: also its model id")
 
@@ -37,6 +38,18 @@ class _GenerationRequest(BaseModel):
     # Passed on to vLLM; typed here because the front end merges its own entries into them.
     vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     cache_salt: str | None = None
+    # Counted per user (live routing); longer than the routing queries accept, it could never be asked for.
+    user: str | None = None
+
+    @field_validator("user")
+    @classmethod
+    def _user_length(cls, v: str | None) -> str | None:
+        # Checked here, not with `max_length`: pydantic's own check refuses a lone surrogate in its
+        # words before `limits.check_encodable` can name it as such.
+        if v is not None and len(v) > MAX_USER_CHARS:
+            raise ValueError(f"at most {MAX_USER_CHARS} characters (the longest `user` whose routing can be "
+                             "asked for)")
+        return v
 
     def payload(self) -> dict[str, Any]:
         """The body passed on to the engine: the fields as the client sent them."""
@@ -126,7 +139,7 @@ class FromTraffic(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256, description="the base or a subset whose traffic to learn from")
-    user: str | None = Field(None, min_length=1, max_length=256,
+    user: str | None = Field(None, min_length=1, max_length=MAX_USER_CHARS,
                              description="only requests whose OpenAI `user` field was this")
     min_tokens: int = Field(1, ge=1, description="refuse (400) when fewer tokens were observed")
     window: float | None = Field(None, description="only the last `window` seconds of traffic "
@@ -211,6 +224,9 @@ class Drift(BaseModel):
         description="full: the engine holds the base's whole router (the base is served), so the mass is "
         "exact; partial: a shared engine holding a union of subsets (mass over its experts only); none: "
         "a dedicated engine, whose router has only the subset's experts (no drift measured)")
+    collected_at: float | None = Field(None, description="when the engines' counts were last collected "
+                                       "(seconds since the epoch; null before the first collection): tokens "
+                                       "routed since are not in `tokens` yet")
 
 
 class SubsetObject(BaseModel):

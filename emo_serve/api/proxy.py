@@ -26,6 +26,7 @@ from ..engines import Lease, ModelUnavailable
 from ..engines.manager import UpstreamTimeout
 from ..engines.placement import MODEL_ARG, ROW_ARG, USER_ARG
 from ..metrics import Metrics
+from ..usage import usage_key
 from .errors import APIError, error_body
 
 _USAGE = b'"usage":{'
@@ -109,15 +110,16 @@ _OURS = (ROW_ARG, MODEL_ARG, USER_ARG)
 
 def engine_payload(payload: dict[str, Any], lease: Lease) -> dict[str, Any]:
     """The body as the engine must see it: the engine's own model name, whose tokens these are
-    (the model asked for and the OpenAI `user`, for the routing counters), and on a shared engine
-    the subset's mask row and cache salt. What the client put in those places cannot select
-    another model's row, count as another model or user, or share another model's prefix-cache
-    blocks: those fields are always ours, and the salt is ours with the client's appended (so a
-    client's own salt still isolates its requests)."""
+    (the model asked for, with the salt that tells this life of it from an earlier one of the same
+    name, and the OpenAI `user`, for the routing counters), and on a shared engine the subset's
+    mask row and cache salt. What the client put in those places cannot select another model's
+    row, count as another model or user, or share another model's prefix-cache blocks: those
+    fields are always ours, and the salt is ours with the client's appended (so a client's own
+    salt still isolates its requests)."""
     out = {**payload, "model": lease.served_name}
     xargs = {k: v for k, v in (payload.get("vllm_xargs") or {}).items() if k not in _OURS}
     xargs.update(lease.extra)
-    xargs[MODEL_ARG] = lease.model
+    xargs[MODEL_ARG] = usage_key(lease.model, lease.salt)
     user = payload.get("user")
     if isinstance(user, str) and user:
         xargs[USER_ARG] = user

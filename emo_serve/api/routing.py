@@ -1,22 +1,29 @@
 """Collect the engines' routing counters into the front end's book, and keep it on disk.
 
 Every `--routing-interval` seconds (and before anything reads the book: a routing query, a
-subset from traffic, an engine-side profile) each engine with capture on is drained by a
-control call between its steps (`emo_vllm.usage`). Counters arrive in the engine's expert
-numbering and are put into the base's (the placement knows each engine's experts). Changed
-models are written back atomically beside the subsets (`<state-dir>/usage/<model>.json`), so a
-restart keeps what was learnt; an engine that crashed loses at most one interval of counts.
+subset's drift, a subset from traffic, an engine-side profile) each engine with capture on is
+drained by a control call between its steps (`emo_vllm.usage`). Counters arrive in the engine's
+expert numbering and are put into the base's (the placement knows each engine's experts).
+
+Engines count under a key naming the model *and its incarnation* (`usage.usage_key`): a subset
+deleted with counts still in an engine and made again under its name does not inherit them, as
+only the key of the incarnation that exists now is booked.
+
+Changed models are written back atomically beside the subsets (`<state-dir>/usage/<model>.json`),
+so a restart keeps what was learnt: at most once per `--routing-save-interval` per model (a
+model's file holds all its users and buckets) and everything at shutdown. The event loop only
+copies what changed; encoding and writing run on a thread. An engine that crashed loses at most
+one interval of counts, a front end killed outright at most one save interval.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -25,22 +32,37 @@ from ..engines.manager import Engine
 from ..engines.placement import Placement
 from ..engines.process import EngineProcess, EngineStartError
 from ..files import atomic_write_text
-from ..usage import PROFILE_KEY_PREFIX, Tally, UsageBook, from_engine
+from ..usage import PROFILE_KEY_PREFIX, Tally, UsageBook, UsageEncoder, UsageSnapshot, from_engine, key_model
 
 log = logging.getLogger(__name__)
 _RPC_ERRORS = (EngineStartError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError)
 
 
+class Incarnation(NamedTuple):
+    """Which life of a model counts now: the key its requests are counted under in the engines
+    (`usage.usage_key`, per process) and the identity its saved counters carry (stable across
+    restarts)."""
+
+    key: str
+    identity: str
+
+
 class RoutingCollector:
     def __init__(self, book: UsageBook, manager: EngineManager, placement: Placement, *, interval: float,
-                 path_of: Callable[[str], Path], known: Callable[[str], bool]) -> None:
+                 save_interval: float, path_of: Callable[[str], Path],
+                 incarnation: Callable[[str], Incarnation | None]) -> None:
         self.book, self.manager, self.placement = book, manager, placement
-        self.interval = interval
-        self._path_of, self._known = path_of, known
+        self.interval, self.save_interval = interval, save_interval
+        self._path_of, self._incarnation = path_of, incarnation
         self.attached: set[str] = set()  # engine ids whose runner counts
         self.profiles: dict[str, Tally] = {}  # engine-side profiling runs, by key
+        self.collected_at: float | None = None  # when the last collection drained the engines (epoch s)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._saved: dict[str, float] = {}  # model -> when its last save began (monotonic)
+        self._encoder = UsageEncoder()
+        self._writer: asyncio.Task | None = None  # the last save's thread (it outlives a cancelled pass)
+        self._refreshes: set[asyncio.Task] = set()  # collections that reads stopped waiting for
 
     async def attach(self, engine: Engine, proc: EngineProcess) -> None:
         """Before an engine is marked ready: hook its runner so its steps are counted."""
@@ -62,23 +84,26 @@ class RoutingCollector:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.collect()
-        await asyncio.to_thread(self._write, self._dump_dirty())
+        await self.save(everything=True)
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.collect()
-                dumps = self._dump_dirty()
-                if dumps:
-                    await asyncio.to_thread(self._write, dumps)
+                await self.save()
             except Exception:  # the loop must outlive any one bad pass; the next one retries
                 log.exception("routing collection failed")
 
-    async def collect(self, timeout: float = 10.0) -> None:
+    async def collect(self, timeout: float = 10.0, *, max_age: float | None = None) -> None:
         """Drain every counting engine that is up into the book (concurrently; an engine that does
-        not answer within `timeout`, e.g. a stalled one, is skipped until the next pass)."""
+        not answer within `timeout`, e.g. a stalled one, is skipped until the next pass). With
+        `max_age`, only if the last collection is older than that (reads that want fresh counts
+        without draining the engines at every poll)."""
         async with self._lock:
+            if max_age is not None and self.collected_at is not None and time.time() - self.collected_at <= max_age:
+                return
+            started = time.time()
             ready = []
             for engine_id in sorted(self.attached):
                 engine = self.manager.get(engine_id)
@@ -96,42 +121,80 @@ class RoutingCollector:
                 except _RPC_ERRORS as exc:  # a dying or stalled engine: its supervisor deals with it
                     log.warning("could not collect routing counters", extra={"engine": engine_id,
                                                                              "error": repr(exc)})
+            self.collected_at = started
+
+    async def refresh(self, *, max_age: float, wait: float) -> None:
+        """For a read that wants fresh counts: collect unless the last collection is under
+        `max_age` seconds old, waiting for it at most `wait` seconds (a stalled engine holds a
+        collection up to its timeout; the read then shows the last one, whose time it gives). The
+        collection is never cancelled: an engine that was drained has handed its counts over."""
+        task = asyncio.create_task(self.collect(max_age=max_age))
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+        await asyncio.wait([task], timeout=wait)
 
     def _add(self, data: dict[str, Any], local_ids: list[list[int]] | None) -> None:
         now = time.time()
         for entry in data["keys"]:
-            tally = from_engine(entry, data["layers"], data["bounds"], self.book.experts_per_layer, local_ids)
-            model, user = str(entry["model"]), str(entry["user"])
-            if model.startswith(PROFILE_KEY_PREFIX):
-                self.profiles.setdefault(model, Tally.empty(self.book.experts_per_layer)).add(tally)
-            elif self._known(model):  # requests sent to an engine directly are nobody's
-                self.book.add(model, user, tally, now)
+            key, user = str(entry["model"]), str(entry["user"])
+            if key.startswith(PROFILE_KEY_PREFIX):
+                tally = from_engine(entry, data["layers"], data["bounds"], self.book.experts_per_layer, local_ids)
+                self.profiles.setdefault(key, Tally.empty(self.book.experts_per_layer)).add(tally)
+                continue
+            model = key_model(key)
+            current = self._incarnation(model)
+            # Only the model's life that exists now: not a deleted one's last tokens, nor requests
+            # sent to an engine directly (nobody's).
+            if current is not None and current.key == key:
+                tally = from_engine(entry, data["layers"], data["bounds"], self.book.experts_per_layer, local_ids)
+                self.book.add(model, user, tally, now, identity=current.identity)
 
     # -- persistence -------------------------------------------------------------------------------
     def load(self, models: list[str]) -> None:
         for model in models:
-            path = self._path_of(model)
-            if not path.exists():
+            path, current = self._path_of(model), self._incarnation(model)
+            if not path.exists() or current is None:
                 continue
             try:
-                self.book.load(model, path)
+                self.book.load(model, path, identity=current.identity)
             except ValueError as exc:  # a bad file costs its counters, not the server's start
                 log.warning("ignoring routing counters", extra={"model": model, "error": str(exc)})
 
-    def _dump_dirty(self) -> dict[str, str]:
-        """Serialize changed models on the event loop (where the book changes), write elsewhere."""
-        out = {}
-        for model in self.book.dirty():
-            out[model] = json.dumps(self.book.snapshot(model), separators=(",", ":")) + "\n"
-        return out
+    async def save(self, *, everything: bool = False) -> None:
+        """Write the changed models whose last save is `save_interval` old (`everything`: all
+        changed models, as at shutdown). On the event loop only the snapshots' copies are made."""
+        if self._writer is not None:  # snapshots are incremental: each is encoded after the last
+            await asyncio.wait([self._writer])
+        now = time.monotonic()
+        due = [m for m in self.book.dirty()
+               if everything or now - self._saved.get(m, -self.save_interval) >= self.save_interval]
+        if not due:
+            return
+        for model in due:
+            self._saved[model] = now
+        self._writer = asyncio.create_task(asyncio.to_thread(self._write, [self.book.snapshot(m) for m in due]))
+        await asyncio.shield(self._writer)
 
-    def _write(self, dumps: dict[str, str]) -> None:
-        for model, text in dumps.items():
+    def _write(self, snaps: list[UsageSnapshot]) -> None:
+        for i, snap in enumerate(snaps):
+            path = self._path_of(snap.model)
             try:
-                atomic_write_text(self._path_of(model), text)
+                atomic_write_text(path, self._encoder.encode(snap))
             except OSError as exc:
-                log.warning("could not write routing counters", extra={"model": model, "error": str(exc)})
+                snap.usage.dirty = snap.usage.full = True  # whole again at the next save
+                log.warning("could not write routing counters", extra={"model": snap.model, "error": str(exc)})
+                continue
+            except BaseException:
+                for unsaved in snaps[i:]:
+                    unsaved.usage.dirty = unsaved.usage.full = True
+                raise
+            # Forgotten (deleted) while this was written: its rename must not bring the file back.
+            # `forget` drops the record before it unlinks, so one of the two unlinks comes last.
+            if self.book.models.get(snap.model) is not snap.usage:
+                path.unlink(missing_ok=True)
+        self._encoder.keep(list(self.book.models))
 
     def forget(self, model: str) -> None:
         self.book.forget(model)
+        self._saved.pop(model, None)
         self._path_of(model).unlink(missing_ok=True)

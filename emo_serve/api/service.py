@@ -36,7 +36,7 @@ from ..errors import Busy, SubsetError, Unavailable
 from ..examples import load_examples
 from ..export import materialize_subset
 from ..metrics import Metrics
-from ..plot import heatmap_png
+from ..plot import Heatmap, HeatmapCache
 from ..profiler import ProfileError, Scores
 from ..selection import SelectionRequest
 from ..settings import Settings, derive_model_id
@@ -101,6 +101,7 @@ class EmoService(LiveRouting):
         self._ever_ready: set[str] = set()
         self._tokenizer: Any = None
         self.routing: RoutingCollector | None = None
+        self.heatmaps = HeatmapCache()
         self._prepared = False
         self._base_dir: str | None = None
 
@@ -155,9 +156,10 @@ class EmoService(LiveRouting):
             self.placement = DedicatedPlacement(self.engines, engine_config=engine_config)
         if capture:
             book = UsageBook(self.base.config.experts_per_layer, retention=s.routing_retention,
-                             bucket=max(10.0, s.routing_interval))
+                             bucket=max(10.0, s.routing_interval), max_users=s.routing_max_users)
             self.routing = RoutingCollector(book, self.engines, self.placement, interval=s.routing_interval,
-                                            path_of=self.registry.usage_path, known=self._counted)
+                                            save_interval=s.routing_save_interval,
+                                            path_of=self.registry.usage_path, incarnation=self._incarnation)
             await asyncio.to_thread(self.routing.load, [self.base_id, *self.registry.records])
             self.metrics.routing_source(lambda: [(m, u.total) for m, u in book.models.items()])
             self.routing.start()
@@ -395,7 +397,8 @@ class EmoService(LiveRouting):
         request = self._selection(req)
         request.check(self.base.config)  # a request the base can't satisfy is a 400 now, not a failure later
         t0 = time.monotonic()
-        live = await self._subset_from_live_engine(req, request, examples)
+        sequences, warnings = await self._example_sequences(req, examples)
+        live = await self._subset_from_live_engine(req, request, examples, sequences, warnings)
         if live is not None:
             record = await self._build_now(live[0], {"method": req.method, "example_fingerprints":
                                                      [ex.fingerprint for ex in examples]}, scores=live[1])
@@ -454,18 +457,44 @@ class EmoService(LiveRouting):
             log.warning("unreadable scores", extra={"subset": name, "error": str(exc)})
             return None
 
-    async def subset_scores_png(self, name: str) -> bytes:
-        """A heatmap of the subset's scores with its experts marked (kept experts only when
-        it was given as explicit ids)."""
+    def scores_absent(self, name: str) -> str:
+        """Why the subset `name` has no scores to show (the 404 of `GET /v1/subsets/{name}/scores`)."""
+        record = self.registry.get(name)
+        if record.spec is None:
+            return f"the subset `{name}` is {record.state.value}; it has no scores" + (
+                "" if record.state is SubsetState.FAILED else " yet")
+        return f"the subset `{name}` {self._unscored(record.spec)}"
+
+    @staticmethod
+    def _unscored(spec: SubsetSpec) -> str:
+        """How a subset without a scores file was chosen, as the end of a sentence."""
+        p = spec.provenance
+        quality = (p.details or {}).get("quality")
+        if isinstance(quality, dict):
+            # `sizing.auto_subset` ranks by `method` scores of every example but keeps only the subset.
+            given = ("max_loss_increase", "budget")
+            sized = ", ".join(f"{k} {quality[k]}" for k in given if quality.get(k) is not None)
+            return (f"was sized by measured quality ({sized}; a {quality.get('estimate')} estimate over "
+                    f"{quality.get('examples')} examples, in `quality` of GET /v1/subsets/{spec.name}): its experts "
+                    f"are the top of `{p.method}` scores of its examples, which are not kept")
+        if p.method == "explicit":
+            return "was not chosen by scores (explicit expert ids)"
+        return f"was chosen by `{p.method}` scores, which this server does not hold (missing or unreadable)"
+
+    async def subset_scores_heatmap(self, name: str) -> Heatmap:
+        """The subset's scores with its experts marked (its kept experts alone when it has no
+        scores); drawn by `HeatmapCache` once per subset."""
         record = self.registry.get(name)
         if record.spec is None:
             raise SubsetUnavailable(f"the subset `{name}` is {record.state.value}; it has no experts yet")
         scores = await asyncio.to_thread(self.subset_scores, name)
         cfg = self.base.config
         shared = [cfg.layer_routing(i).shared_ids for i in range(cfg.num_hidden_layers)]
-        what = f"{scores.method} scores" if scores else "kept experts (explicit ids)"
-        return await asyncio.to_thread(heatmap_png, scores=scores.scores if scores else None, kept=record.spec.experts,
-                                       shared=shared, title=f"{name}: {what}", experts_per_layer=cfg.experts_per_layer)
+        method = record.spec.provenance.method
+        what = (f"{scores.method} scores" if scores else
+                "kept experts " + ("(explicit ids)" if method == "explicit" else f"({method} scores not kept)"))
+        return Heatmap(scores=scores.scores if scores else None, kept=record.spec.experts, shared=shared,
+                       title=f"{name}: {what}", experts_per_layer=cfg.experts_per_layer)
 
     async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:
         if record.state is not SubsetState.READY:

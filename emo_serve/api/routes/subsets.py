@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...errors import NotFound
@@ -13,6 +13,7 @@ from ...usage import check_window
 from ..deps import AdminKey, Service
 from ..errors import responses
 from ..protocol import Deleted, SubsetCreate, SubsetList, SubsetObject
+from .routing import heatmap_response
 
 router = APIRouter(prefix="/v1/subsets", tags=["subsets"])
 
@@ -44,10 +45,12 @@ async def list_subsets(service: Service) -> SubsetList:
 async def get_subset(name: str, service: Service,
                      window: float | None = Query(None, description="seconds of traffic `drift` looks back "
                                                   "(1 .. --routing-retention; default: all time)")) -> SubsetObject:
-    """The subset, with its `drift`: how much router mass its traffic puts outside its experts
-    (as of the last collection, at most `--routing-interval` seconds old)."""
+    """The subset, with its `drift`: how much router mass its traffic puts outside its experts,
+    collected from the engines now unless that was done under a second ago (`collected_at`)."""
     service.registry.get(name)
-    return service.subset(name, window=check_window(window, service.settings.routing_retention))
+    window = check_window(window, service.settings.routing_retention)
+    await service.fresh_routing()
+    return service.subset(name, window=window)
 
 
 @router.get("/{name}/scores", responses={200: {"content": {"image/png": {"schema": {"type": "string",
@@ -55,14 +58,14 @@ async def get_subset(name: str, service: Service,
                                                 "description": "the scores file (`emo-scores/v1`), or with "
                                                 "`format=png` a layers x experts heatmap with the kept experts"},
                                            **responses(400, 401, 404, 503)})
-async def subset_scores(name: str, service: Service, format: Literal["json", "png"] = Query("json")) -> Response:
+async def subset_scores(request: Request, name: str, service: Service,
+                        format: Literal["json", "png"] = Query("json")) -> Response:
     """The scores the subset's experts were chosen by (profiler, live engine or traffic)."""
     if format == "png":
-        return Response(await service.subset_scores_png(name), media_type="image/png",
-                        headers={"Cache-Control": "no-store"})
+        return await heatmap_response(request, await service.subset_scores_heatmap(name), service.heatmaps)
     scores = service.subset_scores(name)
     if scores is None:
-        raise ScoresNotFound(f"the subset `{name}` was not chosen by scores (explicit expert ids)")
+        raise ScoresNotFound(service.scores_absent(name))
     return Response(scores.to_json(), media_type="application/json")
 
 
