@@ -86,16 +86,18 @@ async def score_in_engine(lease: Lease, collector: RoutingCollector, ckpt: Check
     async def prefill(index: int, ids: list[int]) -> None:
         body = {"model": lease.served_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
                 "vllm_xargs": {MODEL_ARG: key}, "cache_salt": f"{key}-{index}", **extra}
+        failed = ModelUnavailable(f"the engine of `{lease.model}` failed while scoring the examples; retry")
         try:
-            async with lease.proc.client.post("/v1/completions", json=body,
-                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                if r.status != 200:
-                    raise ProfileError(f"examples[{index}]: the engine refused the example ({r.status})",
-                                       param="examples")
+            async with lease.proc.session().post("/v1/completions", json=body,
+                                                 timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ModelUnavailable(f"the engine of `{lease.model}` failed while scoring the examples "
-                                   f"({type(exc).__name__})") from None
+        except (TimeoutError, aiohttp.ClientError):
+            raise failed from None
+        if r.status >= 500:  # a dead engine core (vLLM's 500), killed here so that it restarts
+            await lease.check_engine()
+            raise failed
+        if r.status != 200:
+            raise ProfileError(f"examples[{index}]: the engine refused the example ({r.status})", param="examples")
 
     try:
         for index, ids in enumerate(sequences):

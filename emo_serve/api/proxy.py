@@ -160,7 +160,7 @@ async def forward(lease: Lease, endpoint: str, payload: dict[str, Any], recorder
     if request_id:
         headers["x-request-id"] = request_id
     try:
-        upstream = await lease.proc.client.post(
+        upstream = await lease.proc.session().post(
             endpoint, data=json.dumps(payload).encode(), headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=read_timeout))
         lease.upstream = upstream

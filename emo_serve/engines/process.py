@@ -179,10 +179,19 @@ class EngineProcess:
                 return
             await asyncio.sleep(HEALTH_POLL_SECONDS)
 
+    def session(self) -> aiohttp.ClientSession:
+        """The client to the engine. A stopped engine's is closed, and aiohttp answers a request on
+        a closed session with a bare RuntimeError (a 500 for whoever held a lease when the engine
+        died); this raises the connection error that every caller already takes for a dead engine.
+        aiohttp checks again when the request starts, with no await in between, so no race."""
+        if self.client.closed:
+            raise aiohttp.ClientConnectionError(f"the engine of `{self.model_id}` was stopped")
+        return self.client
+
     async def healthy(self, timeout: float) -> bool:
         """`/health` answered 200 within `timeout` seconds."""
         try:
-            async with self.client.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            async with self.session().get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
@@ -192,7 +201,7 @@ class EngineProcess:
         started with it, on their private socket); one result per worker."""
         body = {"method": method, "args": list(args)}
         try:
-            async with self.client.post("/collective_rpc", json=body,
+            async with self.session().post("/collective_rpc", json=body,
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 if r.status != 200:
                     raise EngineStartError(f"the engine of `{self.model_id}` refused the control call {method}",

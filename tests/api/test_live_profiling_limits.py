@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,11 +102,15 @@ def test_priority_only_where_the_engine_schedules_by_it(args: tuple[str, ...], e
 
 # -- on a live engine --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def live(server_factory, tmp_path_factory: pytest.TempPathFactory) -> Server:
+def live(server_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Stopped with the module, not the session: after its engine was frozen and thawed, vLLM's
+    worker was seen spinning a whole core while idle (its shared-memory queue's reader), which
+    would slow every test after it."""
     server = server_factory(None, *SERVER_ARGS, state_dir=tmp_path_factory.mktemp("live-limits"),
                             env={"EMO_ENGINE_MODE": "shared"})
     server.wait_ready()
-    return server
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
