@@ -124,8 +124,8 @@ def test_a_dead_worker_answers_503_everywhere_then_the_engine_restarts(supervise
                for model in ("tiny", "made-while-dead")]
     for r in answers:
         err = assert_error(r, 503)
-        assert err["code"] == "model_unavailable" and r.headers.get("retry-after"), r.headers
-        assert "EngineCore" not in r.text and "stack trace" not in r.text
+        assert err["code"] == "model_unavailable" and r.headers.get("retry-after"), (r.headers, r.text)
+        assert "EngineCore" not in r.text and "stack trace" not in r.text, r.text
     deadline = time.monotonic() + 600
     while True:  # restarted on demand (after its back-off): until then a 503, never a 500
         out = client.post("/v1/completions", json={"model": "made-while-dead", "prompt": "x", "max_tokens": 1},
