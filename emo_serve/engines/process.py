@@ -4,6 +4,14 @@ Each engine runs `python -m vllm.entrypoints.openai.api_server` (with the EMO pl
 its entry point) in its own process group, listening on a private Unix socket, so nothing outside
 this machine's user can reach it and stopping the group also stops vLLM's engine-core children.
 
+Its own process group, but the front end's session: Linux's autogroup scheduler (on by default in
+Debian's and Ubuntu's kernels, `/proc/sys/kernel/sched_autogroup_enabled`) gives every session
+one equal share of the CPU, split among its threads. An engine in a session of its own (setsid)
+had its API server share that slice with vLLM's engine core and worker, which poll their
+shared-memory queues in a loop: on 2 cores the API server then read requests and wrote tokens
+seconds late, the engine ran one request per step, and 8 concurrent streams got 280-1,600 tokens/s
+from run to run (the same engine in the front end's session: 1,540-1,880; `bench/bench_stream.py`).
+
 The front end talks to it with aiohttp (C HTTP parser): measured with py-spy, reading the
 upstream stream with httpx/httpcore (pure-Python h11 and anyio) took 44 % of the front end's CPU
 per streamed token.
@@ -162,7 +170,9 @@ class EngineProcess:
             logf.flush()
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                env=engine_env(self.extra_env, pass_hub_token=self.opts.pass_hub_token), start_new_session=True)
+                env=engine_env(self.extra_env, pass_hub_token=self.opts.pass_hub_token),
+                # Not `process_group=0`: uvloop (uvicorn's loop) does not take it and hangs.
+                preexec_fn=os.setpgrp)
         log.info("engine starting", extra={"model": self.model_id, "pid": self.proc.pid,
                                            "log": str(self.log_path)})
         deadline = time.monotonic() + self.opts.start_timeout

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, engine_of, frozen
+from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, engine_metrics, engine_of, frozen
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.export import materialize_subset
 from emo_serve.default_model import shipped_default_model
@@ -185,6 +185,51 @@ def test_usage_is_counted_once_whatever_the_stream_options(admin: httpx.Client, 
                                             extra_body={"ignore_eos": True}, **extra))
     assert sum(len(c.choices) for c in chunks) >= 16
     assert generated_tokens(admin, "quarter") - before == 16
+
+
+def test_engine_has_its_own_group_in_the_front_ends_session(shared: Server, subsets: dict) -> None:
+    """Its own process group (stopped as one), but not its own session: Linux's autogroup
+    scheduler shares the CPU per session (see engines/process.py)."""
+    pid = engine_of(shared, BASE)["pid"]
+    assert os.getpgid(pid) == pid, "the engine must lead its own process group"
+    assert os.getsid(pid) == os.getsid(shared.proc.pid), "the engine must stay in the front end's session"
+
+
+def test_concurrent_streams_are_batched(shared: Server, client: openai.OpenAI, subsets: dict) -> None:
+    """8 streams sent at once (the base and three subsets) run in the engine's batches together,
+    as they do when sent to vLLM's own server: vLLM's per-step token histogram shows steps of
+    several requests, and every stream's first event reaches its client before any of them ends.
+    Before the fix, engines ran in a session of their own, where (Linux's autogroup scheduler,
+    vLLM's polling engine core) their API server took requests and wrote tokens late, so the
+    engine ran them nearly one at a time and whole streams arrived at once at the end."""
+    models = [BASE, "pair", "quarter", "half"] * 2
+    max_tokens = 48
+    before = engine_metrics(shared, BASE)
+    start = threading.Barrier(len(models))
+
+    def one(i: int) -> tuple[float, float, int]:
+        start.wait()
+        first, chunks = None, 0
+        stream = client.completions.create(model=models[i], prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text is not None:
+                first = first or time.perf_counter()
+                chunks += 1
+        assert first is not None, f"stream {i} ({models[i]}) had no token"
+        return first, time.perf_counter(), chunks
+
+    with ThreadPoolExecutor(len(models)) as pool:
+        results = list(pool.map(one, range(len(models))))
+    after = engine_metrics(shared, BASE)
+    steps = after["vllm:iteration_tokens_total_count"] - before.get("vllm:iteration_tokens_total_count", 0.0)
+    tokens = after["vllm:iteration_tokens_total_sum"] - before.get("vllm:iteration_tokens_total_sum", 0.0)
+    assert all(chunks >= max_tokens // 2 for _, _, chunks in results), results
+    # 8 x 48 decode tokens: batched, most steps carry all 8 (one request per step would give ~1).
+    assert steps and tokens / steps >= 4, f"{tokens:.0f} tokens in {steps:.0f} engine steps: not batched"
+    first_end = min(end for _, end, _ in results)
+    late = [(models[i], round(first - first_end, 3)) for i, (first, _, _) in enumerate(results) if first >= first_end]
+    assert not late, f"streams whose first token came after another stream had ended (s): {late}"
 
 
 # -- life cycle ------------------------------------------------------------------------------
