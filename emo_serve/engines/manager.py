@@ -300,6 +300,13 @@ class EngineManager:
         if engine.down and time.monotonic() < engine.retry_at:
             raise ModelUnavailable((engine.error or f"the engine of `{engine.model_id}` failed")
                                    + f"; next start in {engine.retry_at - time.monotonic():.0f} s")
+        if engine.state is EngineState.READY and engine.proc and engine.proc.proc:
+            # Its process is gone and the watcher has not run yet: the crash is counted here
+            # (the watcher then only cleans up), and the back-off below applies to it.
+            self._record_exit(engine, engine.proc, engine.proc.proc.returncode or 0)
+            if engine.down and time.monotonic() < engine.retry_at:
+                raise ModelUnavailable((engine.error or f"the engine of `{engine.model_id}` failed")
+                                       + f"; next start in {engine.retry_at - time.monotonic():.0f} s")
         if engine.state is EngineState.READY:  # marked ready but its process is gone
             engine.state = EngineState.STOPPED
         resident = [e for e in self.engines.values() if e.resident]
@@ -365,23 +372,31 @@ class EngineManager:
             code = await proc.wait()
         finally:
             prober.cancel()
-        if engine.proc is proc and engine.state is EngineState.READY:
-            engine.crashes += 1
-            stable = time.monotonic() - engine.ready_at >= STABLE_SECONDS
-            engine.failures = 1 if stable else engine.failures + 1
-            engine.state, engine.proc, engine.failed_at = EngineState.STOPPED, None, time.monotonic()
-            engine.crashed = True
-            if proc.failure:
-                engine.error = f"the engine of `{engine.model_id}` {proc.failure}"
-            else:
-                engine.error = f"the engine of `{engine.model_id}` exited with code {code}"
-            engine.error += "; it restarts on the next request"
-            log.error("engine crashed", extra={"model": engine.model_id, "code": code,
-                                               "failures": engine.failures, "log_tail": proc.log_tail()})
-            if self._on_crash:
-                self._on_crash(engine.model_id)
-            await proc.stop()  # reap leftover children and close the client
-            self._changed()
+        self._record_exit(engine, proc, code)
+        # Always, whoever saw the exit first (a request may already have started its successor):
+        # reap leftover children, remove its shared-memory files, close its client.
+        await proc.stop()
+        self._changed()
+
+    def _record_exit(self, engine: Engine, proc: EngineProcess, code: int) -> None:
+        """Count an exit we did not ask for as a crash, once: from the watcher above, or from a
+        request that meets the dead process before the watcher has run."""
+        if engine.proc is not proc or engine.state is not EngineState.READY:
+            return
+        engine.crashes += 1
+        stable = time.monotonic() - engine.ready_at >= STABLE_SECONDS
+        engine.failures = 1 if stable else engine.failures + 1
+        engine.state, engine.proc, engine.failed_at = EngineState.STOPPED, None, time.monotonic()
+        engine.crashed = True
+        if proc.failure:
+            engine.error = f"the engine of `{engine.model_id}` {proc.failure}"
+        else:
+            engine.error = f"the engine of `{engine.model_id}` exited with code {code}"
+        engine.error += "; it restarts on the next request"
+        log.error("engine crashed", extra={"model": engine.model_id, "code": code, "pid": proc.pid,
+                                           "failures": engine.failures, "log_tail": proc.log_tail()})
+        if self._on_crash:
+            self._on_crash(engine.model_id)
 
     async def _probe(self, engine: Engine, proc: EngineProcess) -> None:
         """Ping a ready engine on a timer (as uvicorn's supervisor pings its workers): a hung

@@ -111,6 +111,33 @@ def test_a_crash_restarts_at_once_then_a_crash_loop_backs_off(tmp_path: Path) ->
     run(tmp_path, scenario)
 
 
+def test_a_request_that_meets_a_dead_engine_first_still_cleans_it_up(tmp_path: Path) -> None:
+    """Found by the soak: a request arriving between an engine's death and its watcher's turn
+    started the successor itself, and the watcher, seeing another process in place, skipped both
+    the crash count and the clean-up; each such kill left the engine's /dev/shm files (~400 MB
+    for the demo) and its client session behind."""
+    async def scenario(mgr: EngineManager) -> None:
+        engine = mgr.register("a", "dir-a")
+        (await mgr.acquire("a")).release()
+        dead = engine.proc
+        assert dead is not None
+        segments = dead.shm_segments
+        assert segments and all(p.exists() for p in segments)
+        os.killpg(dead.pid, signal.SIGKILL)
+        while dead.alive:  # one loop turn at a time: the watcher resumes only turns after this
+            await asyncio.sleep(0)
+        assert engine.state is EngineState.READY and engine.proc is dead, "the watcher ran first"
+        lease = await mgr.acquire("a")  # the request that meets the dead engine starts the next one
+        lease.release()
+        assert engine.proc is not dead and engine.crashes == 1 and engine.starts == 2
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(p.exists() for p in segments) or not dead.client.closed:
+            assert asyncio.get_running_loop().time() < deadline, f"{segments} or the client left behind"
+            await asyncio.sleep(0.05)
+
+    run(tmp_path, scenario)
+
+
 def test_a_failing_start_backs_off_and_never_evicts_a_healthy_engine(tmp_path: Path) -> None:
     async def scenario(mgr: EngineManager) -> None:
         good = mgr.register("good", "dir-good")
