@@ -99,6 +99,13 @@ def _describe(error: Any) -> str:
     return f"{flag} / EMO_{field.upper()}: {msg}"
 
 
+# Longer than clients keep idle connections (httpx and so the `openai` client: 5 s, uvicorn's own
+# default) and than load balancers' idle timeouts (60 s on AWS's): with equal timeouts a client
+# reuses a connection just as the server closes it, and its request is lost without an answer
+# (a ReadError, found by bench/soak.py). nginx's default, as vLLM's engine gets from the front end.
+KEEP_ALIVE_SECONDS = 75
+
+
 def serve(settings: Any) -> int:
     """Run the server until SIGINT/SIGTERM; the library entry point behind the command."""
     import atexit
@@ -115,6 +122,7 @@ def serve(settings: Any) -> int:
     atexit.register(service.kill_engines)  # last resort if the lifespan shutdown never ran
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level, access_log=False, http="h11",
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=int(settings.drain_timeout) or None,
                             server_header=False)

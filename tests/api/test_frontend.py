@@ -388,3 +388,28 @@ def test_routing_capture_off(server_factory, tiny_ckpt: Path, tmp_path: Path) ->
         assert c.post("/v1/subsets", json={"name": "x", "experts": [0, 1]}).status_code == 201
         assert c.get("/v1/subsets/x").json()["drift"] is None
     assert server.stop() == set()
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(frontend: Server) -> None:
+    """httpx (and so the `openai` client) drops an idle connection after 5 s, uvicorn's own
+    default: with equal timeouts a request sent on a connection the server is closing is lost.
+    The front end keeps idle connections longer than its clients do."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(frontend.url)
+    request = f"GET /health HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\n\r\n".encode()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        for attempt in range(2):
+            sock.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            while len(body) < length and (chunk := sock.recv(65536)):
+                body += chunk
+            assert head.startswith(b"HTTP/1.1 200"), f"request {attempt + 1} on one connection: {answer[:80]!r}"
+            if attempt == 0:
+                time.sleep(6)  # idle past httpx's keep-alive expiry and uvicorn's default
