@@ -306,15 +306,6 @@ def subset_to_first_token(model: str, work: Path, size: int, label: str) -> None
         side.stop()
 
 
-def model_or_tiny(model: str | None, work: Path) -> str:
-    """The model directory asked for, or the tiny preset generated under `work`."""
-    if model is not None:
-        return model
-    from emo_serve.demo import write_demo_checkpoint
-
-    return str(write_demo_checkpoint(work / "tiny", "tiny", seed=0))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (default: the tiny demo, generated)")
@@ -331,7 +322,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
-        model = model_or_tiny(args.model, work)
+        model = args.model
+        if model is None:
+            from emo_serve.demo import write_demo_checkpoint
+
+            model = str(write_demo_checkpoint(work / "tiny", "tiny", seed=0))
         if not args.subset_only and not args.paired_only:
             compare(args, model, work)
         if not args.subset_only:

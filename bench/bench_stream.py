@@ -46,7 +46,7 @@ import psutil
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import free_port, model_or_tiny, pct  # noqa: E402
+from bench_server import free_port, pct  # noqa: E402
 
 CLI = "import sys; from emo_serve.cli import main; sys.exit(main())"
 ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "512"]
@@ -278,7 +278,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         work = Path(tmp)
-        model = model_or_tiny(args.model, work)
+        model = args.model
+        if model is None:
+            from emo_serve.demo import write_demo_checkpoint
+
+            model = str(write_demo_checkpoint(work / "tiny", "tiny", seed=0))
         args.model_label = args.model or "tiny preset"
         results: dict[str, dict[tuple[int, str], dict[str, float]]] = {}
         for side in make_sides(model, work):

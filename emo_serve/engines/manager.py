@@ -297,13 +297,16 @@ class EngineManager:
         the least recently used idle engine. Raises if nothing can make progress."""
         if engine.state in (EngineState.STARTING, EngineState.STOPPING):
             return
+        if engine.down and time.monotonic() < engine.retry_at:
+            raise ModelUnavailable((engine.error or f"the engine of `{engine.model_id}` failed")
+                                   + f"; next start in {engine.retry_at - time.monotonic():.0f} s")
         if engine.state is EngineState.READY and engine.proc and engine.proc.proc:
             # Its process is gone and the watcher has not run yet: the crash is counted here
             # (the watcher then only cleans up), and the back-off below applies to it.
             self._record_exit(engine, engine.proc, engine.proc.proc.returncode or 0)
-        if engine.down and time.monotonic() < engine.retry_at:
-            raise ModelUnavailable((engine.error or f"the engine of `{engine.model_id}` failed")
-                                   + f"; next start in {engine.retry_at - time.monotonic():.0f} s")
+            if engine.down and time.monotonic() < engine.retry_at:
+                raise ModelUnavailable((engine.error or f"the engine of `{engine.model_id}` failed")
+                                       + f"; next start in {engine.retry_at - time.monotonic():.0f} s")
         if engine.state is EngineState.READY:  # marked ready but its process is gone
             engine.state = EngineState.STOPPED
         resident = [e for e in self.engines.values() if e.resident]
