@@ -59,8 +59,38 @@ def plan_subset(ckpt: Checkpoint, spec: SubsetSpec) -> list[PlannedTensor]:
                                       tuple(row_runs(info, kept))))
         else:
             plan.append(PlannedTensor(name, info.torch_dtype, info.shape, (info,)))
-    plan.sort(key=lambda t: (t.sources[0].shard, t.sources[0].start))
-    return plan
+    return _in_file_order(plan)
+
+
+def plan_slot_engine(ckpt: Checkpoint) -> list[PlannedTensor]:
+    """What an engine with expert slots loads at start, base names kept: every tensor but the
+    routed experts (non-expert weights, each layer's full router, the shared experts). Routed
+    experts come later, into slots, as `plan_experts` reads them."""
+    cfg = ckpt.config
+    plan = []
+    for name in ckpt.expected_tensor_names():
+        m = _EXPERT.match(name)
+        if m and int(m[2]) not in cfg.layer_routing(int(m[1])).shared_ids:
+            continue
+        info = ckpt.tensors[name]
+        plan.append(PlannedTensor(name, info.torch_dtype, info.shape, (info,)))
+    return _in_file_order(plan)
+
+
+def plan_experts(ckpt: Checkpoint, experts: dict[int, list[int]]) -> list[PlannedTensor]:
+    """The tensors of `experts` (layer -> base expert ids), base names kept, in file order."""
+    plan = []
+    for name in ckpt.expected_tensor_names():
+        m = _EXPERT.match(name)
+        if m and int(m[2]) in experts.get(int(m[1]), ()):
+            info = ckpt.tensors[name]
+            plan.append(PlannedTensor(name, info.torch_dtype, info.shape, (info,)))
+    return _in_file_order(plan)
+
+
+def _in_file_order(plan: list[PlannedTensor]) -> list[PlannedTensor]:
+    """Sorted by where the bytes are, so adjacent ranges are read as one."""
+    return sorted(plan, key=lambda t: (t.sources[0].shard, t.sources[0].start))
 
 
 def subset_sizes(ckpt: Checkpoint, spec: SubsetSpec) -> dict[str, int]:
@@ -95,7 +125,12 @@ def row_runs(info: TensorInfo, rows: list[int]) -> list[TensorInfo]:
 def iter_subset_tensors(ckpt: Checkpoint, spec: SubsetSpec, *, progress: str | None = None
                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for the subset, in `plan_subset` order, reading only its bytes."""
-    plan = plan_subset(ckpt, spec)
+    return iter_planned(ckpt, plan_subset(ckpt, spec), progress=progress)
+
+
+def iter_planned(ckpt: Checkpoint, plan: list[PlannedTensor], *, progress: str | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` for each planned tensor, in plan order, reading only its bytes."""
     owner = {src.name: out for out in plan for src in out.sources}
     pieces: dict[str, list[torch.Tensor]] = {}
     # Tensors are views of the chunk just read; holding one while the next chunk is read would

@@ -69,6 +69,8 @@ from . import manifest, usage
 from .config import EmoConfig
 from .cpu import cpu_summary
 from .masks import SLOTS_CONFIG, EmoExpertMasks
+from .slots import SLOTS_CONFIG as EXPERT_SLOTS_CONFIG
+from .slots import slot_topk
 
 logger = init_logger("vllm.emo_vllm.emo")
 
@@ -133,7 +135,8 @@ class EmoSparseMoeBlock(nn.Module):
     def __init__(self, config: EmoConfig, routing: LayerRouting, *,
                  quant_config: QuantizationConfig | None = None,
                  expert_masks: EmoExpertMasks | None = None,
-                 routing_usage: usage.RoutingUsage | None = None, prefix: str = "") -> None:
+                 routing_usage: usage.RoutingUsage | None = None, expert_slots: int = 0,
+                 prefix: str = "") -> None:
         super().__init__()
         self.routing = routing
         self.layer_index = extract_layer_index(prefix)
@@ -165,6 +168,22 @@ class EmoSparseMoeBlock(nn.Module):
             routing_fn = partial(always_active_topk, always=routing.always_active)
         elif routing.num_shared:
             routing_fn = partial(split_softmax_topk, num_shared=routing.num_shared)
+        # Expert slots (see slots.py): the fused MoE holds `expert_slots` routed experts, filled
+        # while serving; routing picks base ids and `slot_of` moves each pick to its slot.
+        self.slot_of: torch.Tensor | None  # base id -> slot
+        self.slot_resident: torch.Tensor | None  # base id -> 1.0 if resident, else 0.0
+        self.slot_occupant: torch.Tensor | None  # slot -> base id, -1 if empty
+        if expert_slots:
+            if not self.fast_shared or routing.norm_topk_prob:
+                raise ValueError(f"{prefix}: expert slots need EMO's routing with one shared expert "
+                                 "and no renormalisation (the released model's); this layer has "
+                                 f"{routing.num_shared} shared experts")
+            num_experts = min(expert_slots, routing.num_routed)
+            routing_fn = self._route_to_slots
+        for buffer, value in (("slot_of", torch.zeros(routing.num_routed, dtype=torch.long)),
+                              ("slot_resident", torch.zeros(routing.num_routed)),
+                              ("slot_occupant", torch.full((num_experts,), -1, dtype=torch.long))):
+            self.register_buffer(buffer, value if expert_slots else None, persistent=False)
         self.num_fused = num_experts
         if tp_size > num_experts:
             raise ValueError(f"{prefix}: tensor parallel size {tp_size} exceeds the "
@@ -193,8 +212,15 @@ class EmoSparseMoeBlock(nn.Module):
             router_logits = router_logits + self.subset_masks[self.token_rows[: router_logits.shape[0]]]
         # Fast path: the shared logit is dropped; softmax over one logit is 1.0.
         out = self.experts(hidden_states=hidden_states,
-                           router_logits=router_logits[:, : self.num_fused])
+                           router_logits=router_logits[:, : self.routing.num_routed if self.fast_shared
+                                                       else self.num_fused])
         return out.view(orig_shape)
+
+    def _route_to_slots(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
+                        renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # A method, not a partial over the buffers: it reads them from the module at each call.
+        return slot_topk(hidden_states, gating_output, topk, renormalize,
+                         slot_of=self.slot_of, resident=self.slot_resident)
 
     def shared_expert_name(self, expert_id: int) -> str | None:
         """Where checkpoint expert `expert_id` lives if it is the fast path's shared MLP."""
@@ -247,7 +273,8 @@ class EmoAttention(nn.Module):
 class EmoDecoderLayer(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, routing: LayerRouting,
                  expert_masks: EmoExpertMasks | None = None,
-                 routing_usage: usage.RoutingUsage | None = None, prefix: str = "") -> None:
+                 routing_usage: usage.RoutingUsage | None = None, expert_slots: int = 0,
+                 prefix: str = "") -> None:
         super().__init__()
         config: EmoConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
@@ -262,7 +289,7 @@ class EmoDecoderLayer(nn.Module):
         else:
             self.mlp = EmoSparseMoeBlock(config, routing, quant_config=quant_config,
                                          expert_masks=expert_masks, routing_usage=routing_usage,
-                                         prefix=f"{prefix}.mlp")
+                                         expert_slots=expert_slots, prefix=f"{prefix}.mlp")
             if routing_usage is not None:
                 routing_usage.add_block(self.mlp.layer_index, self.mlp)
         self.pre_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -292,6 +319,7 @@ class EmoModel(nn.Module):
         slots = int(extra.get(SLOTS_CONFIG, 0))
         self.expert_masks = EmoExpertMasks(slots, max_tokens) if slots > 0 else None
         routing_usage = usage.enable(max_tokens) if extra.get(usage.USAGE_CONFIG) else None
+        self.expert_slots = int(extra.get(EXPERT_SLOTS_CONFIG, 0))
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.embed_tokens")
@@ -299,7 +327,8 @@ class EmoModel(nn.Module):
             config.num_hidden_layers,
             lambda prefix: EmoDecoderLayer(
                 vllm_config=vllm_config, prefix=prefix, expert_masks=self.expert_masks,
-                routing_usage=routing_usage, routing=self.routing.layer_routing(extract_layer_index(prefix))),
+                routing_usage=routing_usage, expert_slots=self.expert_slots,
+                routing=self.routing.layer_routing(extract_layer_index(prefix))),
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -418,8 +447,27 @@ class EmoForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.model.expert_slots:
+            return self._load_slot_engine()
         if manifest.is_manifest_dir(self.model_dir):
             # A manifest dir has no weight files, so vLLM's iterator (never started) would find
             # nothing; the subset's tensors come from the base's byte ranges instead.
             weights = manifest.subset_weights(self.model_dir, getattr(self.config, "emo_subset", None))
         return AutoWeightsLoader(self).load_weights(weights)
+
+    def _load_slot_engine(self) -> set[str]:
+        """Everything but the routed experts, from the base the manifest names; the slots start
+        empty (zeros, so that a weight-0 pick of an empty slot adds exactly 0)."""
+        if not manifest.is_manifest_dir(self.model_dir):
+            raise ValueError(f"expert slots need a manifest of the base (emo-serve writes one), not {self.model_dir}")
+        spec, base = manifest.open_base(self.model_dir, getattr(self.config, "emo_subset", None))
+        if spec.experts != [base.config.layer_routing(i).kept_ids(base.config.layer_routing(i).routed_ids)
+                            for i in range(base.config.num_hidden_layers)]:
+            raise ValueError(f"{self.model_dir}: expert slots need a manifest keeping every expert of the base")
+        self.slot_source = base.location
+        loaded = AutoWeightsLoader(self).load_weights(manifest.slot_engine_weights(base, spec.name))
+        for name, param in self.named_parameters():
+            if ".mlp.experts.w" in name and name not in loaded:  # the fused routed experts
+                param.data.zero_()
+                loaded.add(name)
+        return loaded

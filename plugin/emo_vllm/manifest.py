@@ -24,7 +24,7 @@ from vllm.logger import init_logger
 
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.errors import SubsetError
-from emo_serve.stream import iter_subset_tensors
+from emo_serve.stream import iter_planned, iter_subset_tensors, plan_slot_engine
 from emo_serve.subset import MANIFEST_FILE, SubsetSpec
 
 # Under "vllm." so the line shows in vLLM's own log stream and format.
@@ -58,13 +58,9 @@ def check_config(spec: SubsetSpec, config_subset: dict | None, where: Path) -> N
                           "with `emo-serve subset materialize`")
 
 
-def subset_weights(model_dir: str | os.PathLike[str], config_subset: dict | None
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(name, tensor)` of the subset in `model_dir`, read by byte range from its base.
-
-    Raises SubsetError (naming both fingerprints) if the base is not the checkpoint the subset
-    was made from.
-    """
+def open_base(model_dir: str | os.PathLike[str], config_subset: dict | None) -> tuple[SubsetSpec, Checkpoint]:
+    """The manifest in `model_dir` and its base, opened by its headers and checked to be the
+    checkpoint the manifest was made from (SubsetError naming both fingerprints if not)."""
     where = Path(model_dir)
     spec = SubsetSpec.load(where / MANIFEST_FILE)
     check_config(spec, config_subset, where)
@@ -73,8 +69,31 @@ def subset_weights(model_dir: str | os.PathLike[str], config_subset: dict | None
         spec.check_against(base)
     except SubsetError as exc:
         raise SubsetError(f"{where}: {exc}") from None
+    return spec, base
+
+
+def subset_weights(model_dir: str | os.PathLike[str], config_subset: dict | None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, tensor)` of the subset in `model_dir`, read by byte range from its base.
+
+    Raises SubsetError (naming both fingerprints) if the base is not the checkpoint the subset
+    was made from.
+    """
+    spec, base = open_base(model_dir, config_subset)
     start = time.perf_counter()
     yield from iter_subset_tensors(base, spec, progress=f"subset {spec.name}")
+    _log_read(spec.name, base, start)
+
+
+def slot_engine_weights(base: Checkpoint, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """What an engine with expert slots loads at start (`stream.plan_slot_engine`): no routed
+    expert; those are read into slots later (`slots.py`)."""
+    start = time.perf_counter()
+    yield from iter_planned(base, plan_slot_engine(base), progress=f"{name} (no routed experts)")
+    _log_read(name, base, start)
+
+
+def _log_read(name: str, base: Checkpoint, start: float) -> None:
     logger.info("emo subset %s: read %d tensor bytes in %d requests (+%d header bytes) from %s "
-                "in %.1f s", spec.name, base.stats.bytes_read, base.stats.requests,
+                "in %.1f s", name, base.stats.bytes_read, base.stats.requests,
                 base.header_bytes, base.location, time.perf_counter() - start)

@@ -7,11 +7,12 @@ its own JSON. Utility calls run between engine steps, so they never race a forwa
 from __future__ import annotations
 
 from .masks import MaskControl
+from .slots import SlotControl
 from .usage import UsageControl
 
 
-class EmoWorkerExtension(MaskControl, UsageControl):
-    """Expert-mask rows (`masks`) and routing capture (`usage`)."""
+class EmoWorkerExtension(MaskControl, SlotControl, UsageControl):
+    """Expert-mask rows (`masks`), expert slots (`slots`) and routing capture (`usage`)."""
 
 
 __all__ = ["EmoWorkerExtension"]

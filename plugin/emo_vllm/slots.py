@@ -1,0 +1,231 @@
+"""Expert slots: a running engine whose resident routed experts change between steps.
+
+An engine started with `--additional-config '{"emo_expert_slots": N}'` on a manifest of the whole
+base holds the non-expert weights, every layer's full router, the shared experts, and N routed
+experts per layer in the fused-MoE tensors (`w13_weight`/`w2_weight`, N rows each), which start
+empty. Routing stays exact and in base ids:
+
+    router logits over all base experts (+ the request's mask row, `masks.py`)
+    -> softmax and top-k in base ids -> base id -> slot (`slot_of`) -> the fused experts
+
+`slot_of` and `slot_resident` are persistent per-layer buffers updated in place, never Python
+values read in `forward()`, so a traced or graph-captured model sees every change. A pick of an
+expert that is not resident gets weight 0 (it can only come from an unmasked request: a subset's
+requests are admitted by the front end once all of its experts are resident).
+
+Experts are loaded like vLLM's LoRA adapters are: the bytes are read and laid out off the step
+loop, on a thread of the worker (`emo_slots_stage`), then copied into their slots by a short
+control call between steps (`emo_slots_commit`). The copy writes the layout the platform's
+fused-MoE kernel uses after loading: vLLM 0.32's CPU experts (`fused_moe/experts/cpu_moe.py`)
+pad the intermediate size and prepack each expert independently (`cpu_prepack_moe_weight`), so
+the new experts go through the kernel's own padding and prepacking and land in their rows.
+`check_kernel` names the internal that is missing if that changes (tests/plugin/test_slots_pin.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.logger import init_logger
+
+from emo_serve.checkpoint import Checkpoint
+from emo_serve.stream import iter_planned, plan_experts
+
+from .runner_hook import SUPPORTED_VLLM
+
+logger = init_logger("vllm.emo_vllm.slots")
+
+# vLLM's `--additional-config` key: routed-expert slots per MoE layer (0 or absent: no slots).
+SLOTS_CONFIG = "emo_expert_slots"
+# What the copy reads of a fused-MoE layer and its kernel, checked before the first load.
+KERNEL_INTERNALS = ("MoERunner.routed_experts", "quant_method.moe_kernel.fused_experts", "CPUUnquantizedExperts._pad_moe_intermediate",
+                    "CPUUnquantizedExperts.isa", "vllm._custom_ops.cpu_prepack_moe_weight")
+
+
+def slot_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool, *,
+              slot_of: torch.Tensor, resident: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMO's routed part in base ids (softmax over the routed logits, top-k, no renormalisation),
+    then each pick moved to its slot; a pick of an expert that is not resident weighs 0."""
+    weights, ids = gating_output.float().softmax(-1).topk(topk, dim=-1)
+    return weights * resident[ids], slot_of[ids]
+
+
+def routed_experts(block: nn.Module) -> nn.Module:
+    """The module holding a MoE block's fused routed-expert weights (`w13_weight`, `w2_weight`)."""
+    routed = getattr(block.experts, "routed_experts", None)
+    if routed is None or not hasattr(routed, "w13_weight") or not hasattr(routed, "w2_weight"):
+        raise RuntimeError(f"emo-vllm's expert slots were written for vLLM {SUPPORTED_VLLM}'s fused MoE; "
+                           f"{type(block.experts).__name__} lacks {KERNEL_INTERNALS[0]} (with w13_weight, w2_weight)")
+    return routed
+
+
+def fused_kernel(routed: nn.Module) -> Any:
+    """The CPU fused-MoE experts object of a layer, or RuntimeError naming what is missing."""
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    impl = getattr(getattr(getattr(routed, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+    missing = []
+    if impl is None:
+        missing.append(KERNEL_INTERNALS[1])
+    elif not isinstance(impl, cpu_moe.CPUUnquantizedExperts):
+        raise RuntimeError(f"emo-vllm's expert slots copy experts in the layout of vLLM {SUPPORTED_VLLM}'s "
+                           f"CPU unquantized fused MoE; this engine runs {type(impl).__name__}")
+    else:
+        if not hasattr(impl, "_pad_moe_intermediate"):
+            missing.append(KERNEL_INTERNALS[2])
+        if not isinstance(getattr(impl, "isa", None), str):
+            missing.append(KERNEL_INTERNALS[3])
+        if getattr(impl, "_use_zentorch", False):
+            raise RuntimeError("emo-vllm's expert slots do not support zentorch's fused MoE layout")
+    if not hasattr(cpu_moe, "cpu_prepack_moe_weight"):
+        missing.append(KERNEL_INTERNALS[4])
+    if missing:
+        raise RuntimeError(f"emo-vllm's expert slots were written for vLLM {SUPPORTED_VLLM}'s fused MoE; "
+                           f"this vLLM lacks {', '.join(missing)}")
+    return impl
+
+
+def runtime_layout(routed: nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint-layout experts (`[k, 2I, H]`, `[k, H, I]`) in the layout the layer's kernel
+    computes with: its own padding and prepacking, applied to these experts alone."""
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    impl = fused_kernel(routed)
+    holder = nn.Module()
+    holder.w13_weight = nn.Parameter(w13, requires_grad=False)
+    holder.w2_weight = nn.Parameter(w2, requires_grad=False)
+    impl._pad_moe_intermediate(holder)
+    return (cpu_moe.cpu_prepack_moe_weight(holder.w13_weight, impl.isa),
+            cpu_moe.cpu_prepack_moe_weight(holder.w2_weight, impl.isa))
+
+
+@dataclass
+class _Staged:
+    """One load: read and laid out on a thread, copied in by `commit`."""
+
+    plan: dict[int, list[tuple[int, int]]]  # layer -> [(slot, base id)]
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+def _blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """The MoE blocks with slots, by layer index."""
+    blocks = {m.layer_index: m for m in model.modules() if getattr(m, "slot_of", None) is not None}
+    if not blocks:
+        raise RuntimeError(f"the model has no expert slots: start it with --additional-config "
+                           f"'{{\"{SLOTS_CONFIG}\": N}}' on a manifest of the base")
+    return blocks
+
+
+def _stage(model: nn.Module, staged: _Staged) -> None:
+    """Read the planned experts from the base and lay them out (a worker thread)."""
+    t0 = time.perf_counter()
+    try:
+        blocks = _blocks(model)
+        base = Checkpoint(model.slot_source)
+        wanted = {layer: [e for _, e in pairs] for layer, pairs in staged.plan.items()}
+        parts: dict[tuple[int, int, str], torch.Tensor] = {}
+        for name, tensor in iter_planned(base, plan_experts(base, wanted)):
+            _, _, layer, _, _, expert, proj, _ = name.split(".")  # model.layers.L.mlp.experts.E.P.weight
+            parts[(int(layer), int(expert), proj)] = tensor.clone()
+        staged.bytes_read = base.stats.bytes_read
+        for layer, pairs in staged.plan.items():
+            routed = routed_experts(blocks[layer])
+            dtype = routed.w13_weight.dtype
+            w13 = torch.stack([torch.cat([parts[(layer, e, "gate_proj")], parts[(layer, e, "up_proj")]])
+                               for _, e in pairs]).to(dtype)
+            w2 = torch.stack([parts[(layer, e, "down_proj")] for _, e in pairs]).to(dtype)
+            w13, w2 = runtime_layout(routed, w13, w2)
+            slots = torch.tensor([s for s, _ in pairs], dtype=torch.long)
+            ids = torch.tensor([e for _, e in pairs], dtype=torch.long)
+            staged.layers[layer] = (slots, ids, w13, w2)
+    except Exception as exc:  # reported by the next commit call, which the front end makes anyway
+        logger.exception("emo expert slots: staging a load failed")
+        staged.error = f"{type(exc).__name__}: {exc}"
+    staged.seconds = time.perf_counter() - t0
+    staged.done.set()
+
+
+class SlotControl:
+    """The worker's slot control calls (mixed into `emo_vllm.worker.EmoWorkerExtension`)."""
+
+    model_runner: Any
+    _emo_staged: _Staged | None = None
+
+    def emo_slots_info(self) -> dict[str, Any]:
+        """Slots per layer and which base expert each holds (-1: empty)."""
+        blocks = _blocks(self.model_runner.get_model())
+        for block in blocks.values():
+            fused_kernel(routed_experts(block))  # fail at attach, not at the first load
+        return {"slots": next(iter(blocks.values())).num_fused,
+                "layers": {str(i): b.slot_occupant.tolist() for i, b in sorted(blocks.items())}}
+
+    def emo_slots_stage(self, plan: str) -> dict[str, Any]:
+        """Begin a load: `plan` is JSON {layer: [[slot, base id], ...]}. Returns at once; the
+        bytes are read on a thread while the engine keeps stepping."""
+        if self._emo_staged is not None and not self._emo_staged.done.is_set():
+            raise RuntimeError("a load of experts is already in progress")
+        model = self.model_runner.get_model()
+        blocks = _blocks(model)
+        parsed = {int(layer): [(int(s), int(e)) for s, e in pairs] for layer, pairs in json.loads(plan).items()}
+        for layer, pairs in parsed.items():
+            check_pairs(pairs)
+            block = blocks.get(layer)
+            if block is None:
+                raise ValueError(f"layer {layer} has no expert slots")
+            bad = [(s, e) for s, e in pairs if not (0 <= s < block.num_fused and 0 <= e < block.slot_of.numel())]
+            if bad:
+                raise ValueError(f"layer {layer}: slot/expert pairs {bad} out of range "
+                                 f"(slots 0..{block.num_fused - 1}, experts 0..{block.slot_of.numel() - 1})")
+        staged = self._emo_staged = _Staged(parsed)
+        threading.Thread(target=_stage, args=(model, staged), name="emo-slots-stage", daemon=True).start()
+        return {"experts": sum(len(p) for p in parsed.values())}
+
+    def emo_slots_commit(self) -> dict[str, Any]:
+        """Copy a staged load into its slots (between steps): `state` is `loading` while the thread
+        reads, then `committed` (with the bytes, seconds and evicted experts) or `failed`."""
+        staged = self._emo_staged
+        if staged is None:
+            return {"state": "idle"}
+        if not staged.done.is_set():
+            return {"state": "loading"}
+        self._emo_staged = None
+        if staged.error is not None:
+            return {"state": "failed", "error": staged.error}
+        blocks = _blocks(self.model_runner.get_model())
+        evicted = 0
+        with torch.no_grad():
+            for layer, (slots, ids, w13, w2) in staged.layers.items():
+                block = blocks[layer]
+                routed = routed_experts(block)
+                routed.w13_weight.data.index_copy_(0, slots, w13)
+                routed.w2_weight.data.index_copy_(0, slots, w2)
+                old = block.slot_occupant[slots]
+                old = old[old >= 0]
+                evicted += int(old.numel())
+                block.slot_resident[old] = 0.0
+                block.slot_of[ids] = slots
+                block.slot_resident[ids] = 1.0
+                block.slot_occupant[slots] = ids
+        return {"state": "committed", "bytes": staged.bytes_read, "seconds": round(staged.seconds, 4),
+                "evicted": evicted}
+
+
+def check_pairs(pairs: Sequence[tuple[int, int]]) -> None:
+    """No slot or expert twice in one layer's plan."""
+    slots, ids = [s for s, _ in pairs], [e for _, e in pairs]
+    if len(set(slots)) != len(slots) or len(set(ids)) != len(ids):
+        raise ValueError(f"a slot or an expert appears twice in {list(pairs)}")
+
+
+__all__ = ["KERNEL_INTERNALS", "SLOTS_CONFIG", "SlotControl", "fused_kernel", "routed_experts", "runtime_layout", "slot_topk"]
