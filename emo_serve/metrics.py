@@ -38,6 +38,15 @@ class Metrics:
         self.resident_experts = Gauge("emo_engine_resident_experts",
                                       "Experts (summed over layers) resident in each shared engine",
                                       ["engine"], registry=r)
+        self.expert_loads = Counter("emo_expert_loads", "Routed experts loaded into a shared engine's slots "
+                                    "(one per expert and layer)", ["engine"], registry=r)
+        self.expert_load_bytes = Counter("emo_expert_load_bytes", "Bytes of the base read for expert loads",
+                                         ["engine"], registry=r)
+        self.expert_load_seconds = Histogram("emo_expert_load_seconds", "Seconds of one expert load, from "
+                                             "the plan to the copy into the slots", ["engine"],
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.expert_evictions = Counter("emo_expert_evictions", "Routed experts evicted from slots for others",
+                                        ["engine"], registry=r)
         self._before_render: list[Callable[[], None]] = []
         self.profiling = Histogram("emo_subset_profiling_seconds", "Seconds to profile and write a subset",
                                    ["method"], buckets=LOAD_BUCKETS, registry=r)

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     max_engines: int = Field(2, ge=1, le=64, description="resident vLLM engines, least recently used evicted")
     kv_cache_gb: float = Field(1.0, gt=0, description="KV cache per engine, GiB")
     serve_base: bool = Field(True, description="also serve the full base model")
+    expert_slots: int | None = Field(
+        None, ge=1, description="with the base not served (--no-serve-base, shared engine): routed experts "
+        "per layer the engine holds, loaded and evicted as subsets need them (default: what fits in half the "
+        "memory left after the non-expert weights, a 2 GiB runtime and the KV cache, at most every expert)")
     preload_subsets: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="subset manifest registered and loaded at start; repeatable "
         "(environment: comma-separated)")

@@ -253,6 +253,9 @@ class SubsetObject(BaseModel):
     error: str | None = None
     engine: dict[str, Any] | None = None
     engine_id: str | None = Field(None, description="the vLLM engine serving this subset")
+    resident_experts: list[list[int]] | None = Field(
+        None, description="with expert slots: of the subset's routed experts, those resident in the shared "
+        "engine, per layer (the rest are loaded by its next request); null when all always are")
     drift: Drift | None = Field(None, description="null when routing capture is off")
     scored_by: str | None = Field(None, description="what scored the experts: `engine` (a live engine's "
                                   "prefill), `traffic` (observed requests) or `profiler` (layer-streamed)")

@@ -30,8 +30,10 @@ from ..engines import (
     engine_platform,
 )
 from ..engines.manager import Engine, Probe
-from ..engines.placement import USAGE_CONFIG
+from ..engines.memory import check_base_fits, default_expert_slots
+from ..engines.placement import SLOTS_ENGINE, USAGE_CONFIG
 from ..engines.process import EngineProcess
+from ..engines.slots import LoadPlan, SlotTable, SubsetTooLarge
 from ..errors import Busy, SubsetError, Unavailable
 from ..examples import load_examples
 from ..export import materialize_subset
@@ -127,7 +129,13 @@ class EmoService(LiveRouting):
         if self.engine_mode == "dedicated" and len(self._startup_models) > s.max_engines:
             raise SubsetError(f"{len(self._startup_models)} models to load at start "
                               f"({', '.join(self._startup_models)}) but --max-engines is {s.max_engines}")
+        if s.serve_base and engine_platform(s.device) == "cpu":
+            check_base_fits(self.base, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb)
         self._base_dir = self._base_model_dir() if s.serve_base else None
+        self.expert_slots = self._expert_slots()
+        if self.expert_slots is not None:
+            for spec in preloads:
+                self.expert_slots.check_fits(spec.experts, where=f"preloaded subset `{spec.name}`")
         self._prepared = True
 
     async def start(self) -> None:
@@ -149,9 +157,8 @@ class EmoService(LiveRouting):
         capture = s.routing_capture and self._capture_supported()
         engine_config: dict[str, object] = {USAGE_CONFIG: True} if capture else {}
         if self.engine_mode == "shared":  # decided in prepare()
-            self.placement = SharedPlacement(self.engines, slots=s.subset_slots, make_engine_dir=self._engine_dir,
-                                             num_layers=self.base.config.num_hidden_layers,
-                                             engine_config=engine_config)
+            self.placement = SharedPlacement(self.engines, slots=s.subset_slots, engine_config=engine_config,
+                                             expert_slots=self.expert_slots, on_expert_load=self._on_expert_load)
         else:
             self.placement = DedicatedPlacement(self.engines, engine_config=engine_config)
         if capture:
@@ -168,13 +175,18 @@ class EmoService(LiveRouting):
         self.metrics.on_render(self._engine_gauges)
         if self._base_dir is not None:
             self.placement.add_base(self.base_id, self._base_dir)
+        elif isinstance(self.placement, SharedPlacement):
+            self.placement.add_slots_engine(await asyncio.to_thread(self._slots_engine_dir))
         for record in self.registry.records.values():
             if record.state is SubsetState.READY and record.spec is not None:
-                await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir), grow=False)
-        if isinstance(self.placement, SharedPlacement):
-            await self.placement.place_pending()
+                try:
+                    await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir))
+                except SubsetTooLarge as exc:  # stored under larger slots: kept, not served
+                    log.warning("stored subset not served", extra={"subset": record.name, "error": str(exc)})
         for model in self._startup_models:
             await self.placement.load(model)
+        if isinstance(self.placement, SharedPlacement) and self.expert_slots is not None:
+            await self.engines.load(SLOTS_ENGINE)  # with empty slots: a new subset's first token costs a load only
         # Start-up objects (torch, tokenizers, pydantic schemas) never die: move them out of the
         # collector's reach, or every full collection walks them again (measured: a third of the
         # front end's CPU per request went to the GC).
@@ -214,23 +226,43 @@ class EmoService(LiveRouting):
                         "Model Runner V2", platform)
         return platform == "cpu"
 
-    def _engine_dir(self, experts: list[list[int]], engine_id: str) -> str:
-        """A weightless model dir for a shared engine holding `experts` (the plugin reads only
-        their bytes from the base); runs on a worker thread."""
-        routing = [self.base.config.layer_routing(i) for i in range(len(experts))]
-        routed = [[e for e in ids if e in set(r.routed_ids)] for r, ids in zip(routing, experts, strict=True)]
-        spec = make_subset(self.base, routed, engine_id)
-        target = self.settings.state_dir / "engines" / engine_id
+    def _expert_slots(self) -> SlotTable | None:
+        """The shared engine's expert slots when the base is not served (None: every expert is
+        resident, or engines are dedicated)."""
+        if self.engine_mode != "shared" or self.settings.serve_base:
+            return None
+        cfg = self.base.config
+        s = self.settings
+        slots = s.expert_slots or default_expert_slots(self.base, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb)
+        log.info("serving subsets through expert slots", extra={
+            "expert_slots": slots, "routed_experts_per_layer": max(cfg.routed_counts()),
+            "chosen": "--expert-slots" if self.settings.expert_slots else "from the memory available"})
+        return SlotTable([cfg.layer_routing(i).routed_ids for i in range(cfg.num_hidden_layers)], slots)
+
+    def _slots_engine_dir(self) -> str:
+        """A weightless manifest of the whole base for the engine with expert slots: it reads all but
+        the routed experts at start, and routed experts into slots on demand; runs on a thread."""
+        cfg = self.base.config
+        spec = make_subset(self.base, [cfg.layer_routing(i).routed_ids for i in range(cfg.num_hidden_layers)],
+                           SLOTS_ENGINE)
+        target = self.settings.state_dir / "engines" / SLOTS_ENGINE
         if target.exists():
             shutil.rmtree(target)
         return str(materialize_subset(self.base, spec, target))
 
+    def _on_expert_load(self, engine_id: str, plan: LoadPlan, nbytes: int, seconds: float) -> None:
+        self.metrics.expert_loads.labels(engine_id).inc(plan.experts)
+        self.metrics.expert_load_bytes.labels(engine_id).inc(nbytes)
+        self.metrics.expert_load_seconds.labels(engine_id).observe(seconds)
+        self.metrics.expert_evictions.labels(engine_id).inc(plan.evictions)
+
     def _engine_gauges(self) -> None:
-        if isinstance(self.placement, SharedPlacement):
-            total = sum(self.base.config.experts_per_layer)
-            for engine_id in list(self.placement.resident):
-                n = self.placement.resident_experts(engine_id)
-                self.metrics.resident_experts.labels(engine_id).set(total if n is None else n)
+        if isinstance(self.placement, SharedPlacement) and self.placement.engine_id is not None:
+            cfg = self.base.config
+            routed = self.placement.resident_experts()
+            shared = sum(len(cfg.layer_routing(i).shared_ids) for i in range(cfg.num_hidden_layers))
+            total = sum(cfg.experts_per_layer) if routed is None else routed + shared
+            self.metrics.resident_experts.labels(self.placement.engine_id).set(total)
 
     async def _on_engine_started(self, engine: Engine, proc: EngineProcess) -> None:
         """Before an engine is marked ready: its mask hook (shared engines), its routing counters."""
@@ -351,6 +383,8 @@ class EmoService(LiveRouting):
                            profile_seconds=r.profile_seconds,
                            engine=engine.info() if engine and engine.state is not EngineState.STOPPED else None,
                            engine_id=engine.model_id if engine else None,
+                           resident_experts=self.placement.resident_of(name)
+                           if isinstance(self.placement, SharedPlacement) else None,
                            drift=self.drift(name, window))
         if r.spec is not None and r.sizes is not None:
             p = r.spec.provenance
@@ -383,11 +417,13 @@ class EmoService(LiveRouting):
             # pydantic parsed one of the two shapes `experts` allows; `flat` says which.
             routed = cast(list[list[int]], [list(req.experts)] * n if flat else req.experts)
             spec = make_subset(self.base, [list(ids) for ids in routed], req.name)
+            self.placement.check_servable(req.name, spec.experts)
             record = await self._build_now(spec, {"method": "explicit"})
             await self._subset_ready(record, load=req.load)
             return True, self.subset(req.name)
         if req.from_traffic is not None:
             spec, scores = await self._subset_from_traffic(req, req.from_traffic)
+            self.placement.check_servable(req.name, spec.experts)
             record = await self._build_now(spec, {"method": req.method, "from_traffic": req.from_traffic.model},
                                            scores=scores)
             await self._subset_ready(record, load=req.load)
@@ -400,6 +436,7 @@ class EmoService(LiveRouting):
         sequences, warnings = await self._example_sequences(req, examples)
         live = await self._subset_from_live_engine(req, request, examples, sequences, warnings)
         if live is not None:
+            self.placement.check_servable(req.name, live[0].experts)
             record = await self._build_now(live[0], {"method": req.method, "example_fingerprints":
                                                      [ex.fingerprint for ex in examples]}, scores=live[1])
             record.profile_seconds = round(time.monotonic() - t0, 3)
@@ -500,7 +537,11 @@ class EmoService(LiveRouting):
         if record.state is not SubsetState.READY:
             return
         assert record.spec is not None
-        await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir), start=load)
+        try:
+            await self.placement.add_subset(record.name, record.spec.experts, str(record.model_dir))
+        except SubsetTooLarge as exc:  # a profiled subset larger than the slots: kept, not served
+            record.state, record.error = SubsetState.FAILED, str(exc)
+            return
         if load:
             try:
                 await self.placement.load(record.name)

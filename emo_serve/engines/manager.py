@@ -232,6 +232,14 @@ class EngineManager:
         self._event.set()
         self._event = asyncio.Event()
 
+    def notify(self) -> None:
+        """Wake every waiter: something a placement tracks changed (e.g. experts were loaded)."""
+        self._changed()
+
+    async def wait_for_change(self, deadline: float) -> bool:
+        """Sleep until an engine changes state, a request ends or `notify()`; False at `deadline`."""
+        return await self._wait_change(deadline)
+
     async def _wait_change(self, deadline: float) -> bool:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -4,19 +4,14 @@ Two placements, chosen by `--engine-mode`:
 
 * `DedicatedPlacement`: one engine per model (base or subset), each loading only its own
   experts. What per-task Kubernetes endpoints run.
-* `SharedPlacement`: one engine holds the non-expert weights once and a set of resident experts
-  (all of them when the base is served, else the union of the subsets placed on it); each subset
-  is a mask row of that engine (`emo_vllm.masks`), chosen per request through `vllm_xargs`, with
-  its own prefix-cache salt. Like vLLM's LoRA slots, rows are installed by a control call
-  between engine steps, on demand, so a subset of resident experts is servable at once.
-
-  A subset that needs experts the running engine lacks gets a new engine built for the larger
-  union in the background, while the old one keeps serving; models move to the new engine once
-  it is ready, and the old one stops after its in-flight requests finish. Why not hot-add into
-  spare slots: vLLM's CPU fused-MoE prepacks expert weights after loading
-  (`process_weights_after_loading`), and `reload_weights` rebuilds layers, so writing into a
-  running engine's expert tensors depends on kernel layouts that differ by platform and release.
-  A second engine for a minute costs memory once; it never touches weights in use.
+* `SharedPlacement`: one engine holds the non-expert weights once, every router, and either
+  every expert (the base is served) or a fixed number of routed-expert slots per layer
+  (`--expert-slots`, `emo_vllm.slots`); each subset is a mask row of that engine
+  (`emo_vllm.masks`), chosen per request through `vllm_xargs`, with its own prefix-cache salt.
+  Like vLLM's LoRA slots, rows are installed by a control call between engine steps, on demand.
+  With slots, a subset whose experts are not all resident gets them loaded into free or least
+  recently used slots while the engine keeps serving the others (`slots.SlotTable`); its
+  requests wait for the load, and routing stays in base ids, so nothing is ever rebuilt.
 """
 
 from __future__ import annotations
@@ -24,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 
-from .manager import Engine, EngineManager, EngineState, Lease, ModelInUse, UnknownModel
+from .manager import Engine, EngineManager, EngineState, Lease, ModelInUse, ModelUnavailable, UnknownModel
 from .process import EngineProcess, EngineStartError
+from .slots import LoadPlan, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +36,17 @@ log = logging.getLogger(__name__)
 WORKER_EXTENSION = "emo_vllm.worker.EmoWorkerExtension"
 ROW_ARG = "emo_subset_row"
 SLOTS_CONFIG = "emo_subset_slots"
+EXPERT_SLOTS_CONFIG = "emo_expert_slots"  # emo_vllm.slots: routed-expert slots per layer
 USAGE_CONFIG = "emo_usage"  # emo_vllm.usage: routing capture on
 MODEL_ARG, USER_ARG = "emo_model", "emo_user"  # emo_vllm.usage: whose tokens a request's are
 BASE_SALT = "emo-base"
 
+SLOTS_ENGINE = "emo-shared"  # the engine's id when the base is not served
+STAGE_POLL_SECONDS = 0.02  # how often a load asks the engine whether its experts are read
+
 Experts = list[list[int]]  # per layer, sorted original expert ids (shared ones included)
-EngineDirMaker = Callable[[Experts, str], str]  # (union of experts, engine id) -> model dir
+# (engine id, plan, bytes read, seconds) after each load: the server's metrics
+LoadObserver = Callable[[str, LoadPlan, int, float], None]
 
 
 class Placement(ABC):
@@ -75,8 +77,10 @@ class Placement(ABC):
     def add_base(self, base_id: str, model_dir: str) -> None: ...
 
     @abstractmethod
-    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True,
-                         start: bool = False) -> None: ...
+    async def add_subset(self, name: str, experts: Experts, model_dir: str) -> None: ...
+
+    def check_servable(self, name: str, experts: Experts) -> None:  # noqa: B027 (most placements serve any)
+        """Raise (400) if this placement could never serve the subset."""
 
     @abstractmethod
     async def remove(self, name: str, *, force: bool) -> None: ...
@@ -126,8 +130,7 @@ class DedicatedPlacement(Placement):
     def add_base(self, base_id: str, model_dir: str) -> None:
         self._register(base_id, model_dir, self.engine_config)
 
-    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True,
-                         start: bool = False) -> None:
+    async def add_subset(self, name: str, experts: Experts, model_dir: str) -> None:
         self.experts[name] = experts
         self._register(name, model_dir, self.engine_config)
 
@@ -160,74 +163,75 @@ class _Subset:
 
 
 class SharedPlacement(Placement):
-    """Every model on one shared engine (two while a larger union is being built)."""
+    """Every model on one shared engine: the base's when it is served, else one with expert slots."""
 
     mode = "shared"
 
-    def __init__(self, manager: EngineManager, *, slots: int, make_engine_dir: EngineDirMaker,
-                 num_layers: int, engine_config: dict[str, object] | None = None) -> None:
+    def __init__(self, manager: EngineManager, *, slots: int, engine_config: dict[str, object] | None = None,
+                 expert_slots: SlotTable | None = None, on_expert_load: LoadObserver | None = None) -> None:
         super().__init__(manager, engine_config=engine_config)
         self.slots = slots
-        self._make_engine_dir = make_engine_dir
-        self._num_layers = num_layers
+        self.expert_slots = expert_slots
+        self._on_expert_load = on_expert_load
+        self.engine_id: str | None = None
         self.base_id: str | None = None
         self.subsets: dict[str, _Subset] = {}
-        self.model_engine: dict[str, str] = {}        # model -> engine id
-        self.resident: dict[str, Experts | None] = {}  # engine id -> its experts (None: all)
-        self.installed: dict[str, set[str]] = {}       # engine id -> subsets with a mask row there
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._generation = 0
+        self.installed: set[str] = set()  # subsets with a mask row on the engine
+        self._row_lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()
         self._salt_counter = 0
-        self._pending: asyncio.Task | None = None
-        manager.max_engines = max(manager.max_engines, 2)  # the serving engine and its successor
 
-    # -- engines -----------------------------------------------------------------------------
-    def _register_shared(self, engine_id: str, model_dir: str, experts: Experts | None) -> Engine:
-        engine = self._register(engine_id, model_dir, {**self.engine_config, SLOTS_CONFIG: self.slots})
-        self.resident[engine_id] = experts
-        self.installed[engine_id] = set()
-        return engine
+    # -- the engine --------------------------------------------------------------------------
+    def _register_shared(self, engine_id: str, model_dir: str) -> Engine:
+        config: dict[str, object] = {**self.engine_config, SLOTS_CONFIG: self.slots}
+        if self.expert_slots is not None:
+            config[EXPERT_SLOTS_CONFIG] = self.expert_slots.slots
+        self.engine_id = engine_id
+        return self._register(engine_id, model_dir, config)
+
+    def add_base(self, base_id: str, model_dir: str) -> None:
+        if self.expert_slots is not None:
+            raise ValueError("the base is served with every expert resident, not through expert slots")
+        self.base_id = base_id
+        self._register_shared(base_id, model_dir)
+
+    def add_slots_engine(self, model_dir: str) -> None:
+        """The engine of a server that does not serve the base: `model_dir` is a manifest of the
+        whole base, from which the engine reads all but the routed experts at start."""
+        assert self.expert_slots is not None and self.base_id is None
+        self._register_shared(SLOTS_ENGINE, model_dir)
 
     async def on_started(self, engine: Engine, proc: EngineProcess) -> None:
-        """Before an engine is marked ready: hook the runner; no row is installed yet (a restart
-        after a crash starts with an empty table, so rows are installed again on demand)."""
-        if engine.model_id not in self.resident:
+        """Before the engine is marked ready: hook the runner. No row is installed and no slot
+        filled yet (a restart after a crash starts empty; rows and experts return on demand)."""
+        if engine.model_id != self.engine_id:
             return
         try:
             info = await proc.rpc("emo_masks_attach")
+            if self.expert_slots is not None:
+                info.append(await proc.rpc("emo_slots_info"))
         except EngineStartError:
             raise
         except Exception as exc:  # aiohttp or JSON errors: the engine is not usable for masks
             raise EngineStartError(f"the engine of `{engine.model_id}` could not install its mask hook",
                                    repr(exc)) from exc
-        self.installed[engine.model_id] = set()
+        self.installed = set()
+        if self.expert_slots is not None:
+            self.expert_slots.reset()
         log.info("shared engine ready for masks", extra={"engine": engine.model_id, "masks": info})
 
-    def local_ids(self, engine_id: str) -> Experts | None:
-        return self.resident.get(engine_id)
+    def resident_experts(self) -> int | None:
+        """Routed experts in the engine's slots, summed over layers (None: the whole base)."""
+        return None if self.expert_slots is None else self.expert_slots.count()
 
-    def resident_experts(self, engine_id: str) -> int | None:
-        """Experts held by an engine, summed over layers (None: the whole base)."""
-        experts = self.resident.get(engine_id)
-        return None if experts is None else sum(len(e) for e in experts)
+    def resident_of(self, name: str) -> Experts | None:
+        """Which of a subset's routed experts are in slots (None: all, the base being resident)."""
+        sub = self.subsets.get(name)
+        if sub is None or self.expert_slots is None:
+            return None
+        return self.expert_slots.resident(sub.experts)
 
     # -- models ------------------------------------------------------------------------------
-    def add_base(self, base_id: str, model_dir: str) -> None:
-        self.base_id = base_id
-        self._register_shared(base_id, model_dir, None)
-        self.model_engine[base_id] = base_id
-
-    def _fits(self, engine_id: str, experts: Experts) -> bool:
-        resident = self.resident.get(engine_id)
-        return resident is None or all(set(e) <= set(r) for e, r in zip(experts, resident, strict=True))
-
-    def _current(self) -> str | None:
-        """The newest engine models are placed on (the base's when it is served)."""
-        if self.base_id is not None:
-            return self.base_id
-        engines = [e for e in self.resident if e in self.manager.engines]
-        return engines[-1] if engines else None
-
     def _free_row(self) -> int:
         used = {s.row for s in self.subsets.values()}
         for row in range(1, self.slots):
@@ -236,131 +240,124 @@ class SharedPlacement(Placement):
         raise ModelInUse(f"all {self.slots - 1} subset slots of the shared engine are taken; "
                          "delete a subset or raise --subset-slots")
 
-    async def add_subset(self, name: str, experts: Experts, model_dir: str, *, grow: bool = True,
-                         start: bool = False) -> None:
-        """Give `name` a mask row on the current engine, or (unless `grow` is off, as while
-        starting up) register an engine that holds its experts: started now if `start`, else by
-        the first request for a model placed on it."""
+    def check_servable(self, name: str, experts: Experts) -> None:
+        if self.expert_slots is not None:
+            self.expert_slots.check_fits(experts, where=f"subset `{name}`")
+
+    async def add_subset(self, name: str, experts: Experts, model_dir: str) -> None:
+        """Give `name` a mask row on the engine (installed by its first request)."""
+        self.check_servable(name, experts)
+        assert self.engine_id is not None, "the engine is registered first"
         self._salt_counter += 1
         self.subsets[name] = _Subset(experts, self._free_row(), f"emo-subset-{name}-{self._salt_counter}")
-        current = self._current()
-        if current is not None and self._fits(current, experts):
-            self.model_engine[name] = current
-        elif grow:
-            await self._grow(start=start)
-
-    async def place_pending(self) -> None:
-        """One engine for every subset added with `grow` off that no engine holds yet."""
-        if any(name not in self.model_engine for name in self.subsets):
-            await self._grow(start=False)
-
-    async def _grow(self, *, start: bool) -> None:
-        """Register an engine for the union of every subset; once it is ready (started now, or
-        by the first request for a subset only it holds) every model moves onto it."""
-        union = [sorted(set().union(*(s.experts[i] for s in self.subsets.values())))
-                 for i in range(self._num_layers)]
-        self._generation += 1
-        engine_id = f"emo-shared-{self._generation}"
-        model_dir = await asyncio.to_thread(self._make_engine_dir, union, engine_id)
-        new = self._register_shared(engine_id, model_dir, union)
-        previous = {m: e for m, e in self.model_engine.items()}
-        for name, sub in self.subsets.items():  # those the old engine cannot serve wait for the new one
-            if name not in previous or not self._fits(previous[name], sub.experts):
-                self.model_engine[name] = engine_id
-        log.info("a shared engine for a larger union of experts",
-                 extra={"engine": engine_id, "experts": sum(len(e) for e in union), "starting": start})
-        if start:
-            await self.manager.load(engine_id)
-        if self._pending is not None and not self._pending.done():
-            self._pending.cancel()
-        self._pending = asyncio.create_task(self._switch_when_ready(new, set(previous.values())))
-
-    async def _switch_when_ready(self, new: Engine, old_ids: set[str]) -> None:
-        # Until it is ready (it may not be started yet, or be backing off after a failed start)
-        # the old engine keeps serving every model it holds; a newer union cancels this task.
-        while new.state is not EngineState.READY:
-            if self.manager.get(new.model_id) is not new:
-                return
-            await asyncio.sleep(0.2)
-        for name in self.subsets:
-            self.model_engine[name] = new.model_id
-        for engine_id in old_ids - {new.model_id}:
-            await self._retire(engine_id)
-
-    async def _retire(self, engine_id: str) -> None:
-        """Stop an engine no model points at, once its in-flight requests have finished."""
-        while True:
-            engine = self.manager.get(engine_id)
-            if engine is not None and engine.inflight:
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                await self.manager.unregister(engine_id)
-                break
-            except ModelInUse:  # a request resolved before the switch got in after all
-                continue
-        log.info("retired shared engine", extra={"engine": engine_id})
-        self.resident.pop(engine_id, None)
-        self.installed.pop(engine_id, None)
 
     async def remove(self, name: str, *, force: bool) -> None:
         self._refuse_busy(name, force)
         await self._uninstall(name)
         self.subsets.pop(name, None)
-        self.model_engine.pop(name, None)
 
     async def unload(self, model: str, *, force: bool) -> None:
-        """A subset's unload clears its mask row (the engine keeps serving the others)."""
+        """A subset's unload clears its mask row (the engine keeps serving the others; its
+        experts stay in their slots until others need them)."""
         self._refuse_busy(model, force)
         if model in self.subsets:
             await self._uninstall(model)
 
     async def _uninstall(self, name: str) -> None:
         sub = self.subsets.get(name)
-        for engine_id, names in self.installed.items():
-            engine = self.manager.get(engine_id)
-            if sub is None or name not in names:
-                continue
-            async with self._lock(engine_id):
-                names.discard(name)
-                if engine is not None and engine.state is EngineState.READY and engine.proc is not None:
-                    try:
-                        await engine.proc.rpc("emo_clear_subset", str(sub.row))
-                    except (EngineStartError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                        # The row is free on our side either way: its next owner's install
-                        # overwrites it, and a restarted engine starts with an empty table.
-                        log.warning("could not clear a mask row", extra={"engine": engine_id, "subset": name,
-                                                                         "error": repr(exc)})
-
-    def _lock(self, engine_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(engine_id, asyncio.Lock())
+        if sub is None or name not in self.installed:
+            return
+        engine = self.engine_of(name)
+        async with self._row_lock:
+            self.installed.discard(name)
+            if engine is not None and engine.state is EngineState.READY and engine.proc is not None:
+                try:
+                    await engine.proc.rpc("emo_clear_subset", str(sub.row))
+                except (EngineStartError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # The row is free on our side either way: its next owner's install
+                    # overwrites it, and a restarted engine starts with an empty table.
+                    log.warning("could not clear a mask row", extra={"engine": engine.model_id, "subset": name,
+                                                                     "error": repr(exc)})
 
     async def _install(self, lease: Lease, name: str) -> None:
-        """Put `name`'s mask row on the leased engine if it is not there yet."""
-        engine_id = lease.engine.model_id
+        """Put `name`'s mask row (in base expert ids) on the engine if it is not there yet."""
         sub = self.subsets[name]
-        async with self._lock(engine_id):
-            names = self.installed.setdefault(engine_id, set())
-            if name in names:
+        async with self._row_lock:
+            if name in self.installed:
                 return
-            resident = self.resident.get(engine_id)
-            # Engine-local ids: original ids on the base, positions in the union otherwise.
-            kept = {str(i): (ids if resident is None else [resident[i].index(e) for e in ids])
-                    for i, ids in enumerate(sub.experts) if ids}
+            kept = {str(i): ids for i, ids in enumerate(sub.experts) if ids}
             await lease.proc.rpc("emo_set_subset", str(sub.row), name, json.dumps(kept))
-            names.add(name)
-        log.info("mask row installed", extra={"engine": engine_id, "subset": name, "row": sub.row})
+            self.installed.add(name)
+        log.info("mask row installed", extra={"engine": lease.engine.model_id, "subset": name, "row": sub.row})
 
+    # -- expert slots ------------------------------------------------------------------------
+    def _pinned(self) -> set[tuple[int, int]]:
+        """(layer, base id) of every expert a subset with requests in flight needs."""
+        busy = {lease.model for e in self.manager.engines.values() for lease in e.leases}
+        return {(layer, e) for name in busy if (sub := self.subsets.get(name)) is not None
+                for layer, ids in enumerate(sub.experts) for e in ids}
+
+    async def _ensure_resident(self, lease: Lease, name: str, deadline: float) -> None:
+        """Wait until `name`'s routed experts are all in slots, loading them (one load at a time,
+        evicting the least recently used experts no busy subset needs) as needed."""
+        table, experts = self.expert_slots, self.subsets[name].experts
+        if table is None:
+            return
+        while not table.is_resident(experts):
+            async with self._load_lock:
+                if table.is_resident(experts):
+                    break
+                plan = table.plan(experts, self._pinned())
+                if isinstance(plan, LoadPlan):
+                    # Shielded: a client that gives up must not leave a half-done load behind.
+                    await asyncio.shield(self._load(lease, name, plan))
+                    continue
+            if not await self.manager.wait_for_change(deadline):
+                raise ModelUnavailable(f"the experts of `{name}` could not be loaded in time: every expert slot "
+                                       f"of layer {plan} holds an expert that subsets with requests in flight "
+                                       "need; retry later or raise --expert-slots")
+        table.touch(experts)
+
+    async def _load(self, lease: Lease, name: str, plan: LoadPlan) -> None:
+        """Read the planned experts on the engine's staging thread, then copy them into their
+        slots between steps; the engine keeps serving meanwhile."""
+        table = self.expert_slots
+        assert table is not None
+        table.begin(plan)
+        ok, t0 = False, time.monotonic()
+        try:
+            await lease.proc.rpc("emo_slots_stage", json.dumps(plan.wire()))
+            while True:
+                [answer] = await lease.proc.rpc("emo_slots_commit")
+                if answer["state"] == "committed":
+                    break
+                if answer["state"] != "loading":
+                    log.error("loading experts failed", extra={"subset": name, "answer": answer})
+                    raise ModelUnavailable(f"the experts of `{name}` could not be loaded; see the server log")
+                await asyncio.sleep(STAGE_POLL_SECONDS)
+            ok = True
+        finally:
+            table.finish(plan, ok=ok)
+            self.manager.notify()
+        seconds = time.monotonic() - t0
+        log.info("experts loaded into slots", extra={"engine": lease.engine.model_id, "subset": name,
+                                                     "experts": plan.experts, "evicted": plan.evictions,
+                                                     "bytes": answer["bytes"], "seconds": round(seconds, 3)})
+        if self._on_expert_load is not None:
+            self._on_expert_load(lease.engine.model_id, plan, int(answer["bytes"]), seconds)
+
+    # -- requests ----------------------------------------------------------------------------
     async def acquire(self, model: str) -> Lease:
-        engine_id = self.model_engine.get(model)
-        if engine_id is None:
+        if self.engine_id is None or (model not in self.subsets and model != self.base_id):
             raise UnknownModel(model)
-        lease = await self.manager.acquire(engine_id, model=model)
+        deadline = time.monotonic() + self.manager.wait_timeout
+        lease = await self.manager.acquire(self.engine_id, model=model)
         sub = self.subsets.get(model)
         if sub is None:
             lease.salt = BASE_SALT
             return lease
         try:
+            await self._ensure_resident(lease, model, deadline)
             await self._install(lease, model)
         except EngineStartError:  # a dead engine refuses control calls: 503, and it restarts
             lease.release()
@@ -373,22 +370,26 @@ class SharedPlacement(Placement):
         return lease
 
     async def load(self, model: str) -> None:
-        """Start the model's engine and, for a subset, install its row once it is ready."""
-        engine_id = self.model_engine.get(model)
-        if engine_id is None:
+        """Start the engine and, for a subset, load its experts and install its row once the
+        engine is ready."""
+        if self.engine_id is None or (model not in self.subsets and model != self.base_id):
             raise UnknownModel(model)
-        engine = await self.manager.load(engine_id)
+        engine = await self.manager.load(self.engine_id)
         if model in self.subsets and engine.state is EngineState.READY:
             (await self.acquire(model)).release()
 
     def engine_of(self, model: str) -> Engine | None:
-        engine_id = self.model_engine.get(model)
-        return self.manager.get(engine_id) if engine_id else None
+        if self.engine_id is None or (model not in self.subsets and model != self.base_id):
+            return None
+        return self.manager.get(self.engine_id)
 
     def model_state(self, model: str) -> EngineState | None:
         engine = self.engine_of(model)
         if engine is None:
             return None
         if model in self.subsets and engine.state is EngineState.READY:
-            return EngineState.READY if model in self.installed.get(engine.model_id, ()) else EngineState.STOPPED
+            sub = self.subsets[model]
+            servable = model in self.installed and (self.expert_slots is None
+                                                    or self.expert_slots.is_resident(sub.experts))
+            return EngineState.READY if servable else EngineState.STOPPED
         return engine.state

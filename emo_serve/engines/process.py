@@ -55,6 +55,10 @@ class EngineStartError(Unavailable):
     engine's log tail or answer, for the server log and admins. A kind of `Unavailable`, so any
     path it escapes from answers 503 with Retry-After (a dead engine restarts)."""
 
+    # What a request that meets the dead engine (in a control call before its completion) is told,
+    # as if it had met it in the completion itself (`manager.ModelUnavailable`).
+    code, default_param = "model_unavailable", "model"
+
     def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.detail = detail

@@ -219,6 +219,7 @@ class EmoSparseMoeBlock(nn.Module):
     def _route_to_slots(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
                         renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # A method, not a partial over the buffers: it reads them from the module at each call.
+        assert self.slot_of is not None and self.slot_resident is not None
         return slot_topk(hidden_states, gating_output, topk, renormalize,
                          slot_of=self.slot_of, resident=self.slot_resident)
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -45,8 +45,9 @@ logger = init_logger("vllm.emo_vllm.slots")
 # vLLM's `--additional-config` key: routed-expert slots per MoE layer (0 or absent: no slots).
 SLOTS_CONFIG = "emo_expert_slots"
 # What the copy reads of a fused-MoE layer and its kernel, checked before the first load.
-KERNEL_INTERNALS = ("MoERunner.routed_experts", "quant_method.moe_kernel.fused_experts", "CPUUnquantizedExperts._pad_moe_intermediate",
-                    "CPUUnquantizedExperts.isa", "vllm._custom_ops.cpu_prepack_moe_weight")
+KERNEL_INTERNALS = ("MoERunner.routed_experts", "quant_method.moe_kernel.fused_experts",
+                    "CPUUnquantizedExperts._pad_moe_intermediate", "CPUUnquantizedExperts.isa",
+                    "vllm._custom_ops.cpu_prepack_moe_weight")
 
 
 def slot_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool, *,
@@ -57,7 +58,23 @@ def slot_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: in
     return weights * resident[ids], slot_of[ids]
 
 
-def routed_experts(block: nn.Module) -> nn.Module:
+class SlotBlock(Protocol):
+    """What this module reads of an `emo.EmoSparseMoeBlock` built with slots."""
+
+    layer_index: int
+    num_fused: int  # slots
+    experts: nn.Module  # vLLM's MoERunner
+    slot_of: torch.Tensor
+    slot_resident: torch.Tensor
+    slot_occupant: torch.Tensor
+
+
+def fused_weights(routed: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused `w13_weight` (`[slots, 2I, H]`) and `w2_weight` (`[slots, H, I]`), runtime layout."""
+    return cast(torch.Tensor, routed.w13_weight), cast(torch.Tensor, routed.w2_weight)
+
+
+def routed_experts(block: SlotBlock) -> nn.Module:
     """The module holding a MoE block's fused routed-expert weights (`w13_weight`, `w2_weight`)."""
     routed = getattr(block.experts, "routed_experts", None)
     if routed is None or not hasattr(routed, "w13_weight") or not hasattr(routed, "w2_weight"):
@@ -118,9 +135,10 @@ class _Staged:
     seconds: float = 0.0
 
 
-def _blocks(model: nn.Module) -> dict[int, nn.Module]:
+def _blocks(model: nn.Module) -> dict[int, SlotBlock]:
     """The MoE blocks with slots, by layer index."""
-    blocks = {m.layer_index: m for m in model.modules() if getattr(m, "slot_of", None) is not None}
+    blocks = {cast(SlotBlock, m).layer_index: cast(SlotBlock, m) for m in model.modules()
+              if getattr(m, "slot_of", None) is not None}
     if not blocks:
         raise RuntimeError(f"the model has no expert slots: start it with --additional-config "
                            f"'{{\"{SLOTS_CONFIG}\": N}}' on a manifest of the base")
@@ -132,16 +150,16 @@ def _stage(model: nn.Module, staged: _Staged) -> None:
     t0 = time.perf_counter()
     try:
         blocks = _blocks(model)
-        base = Checkpoint(model.slot_source)
+        base = Checkpoint(str(getattr(model, "slot_source")))
         wanted = {layer: [e for _, e in pairs] for layer, pairs in staged.plan.items()}
         parts: dict[tuple[int, int, str], torch.Tensor] = {}
         for name, tensor in iter_planned(base, plan_experts(base, wanted)):
-            _, _, layer, _, _, expert, proj, _ = name.split(".")  # model.layers.L.mlp.experts.E.P.weight
-            parts[(int(layer), int(expert), proj)] = tensor.clone()
+            _, _, at, _, _, expert, proj, _ = name.split(".")  # model.layers.L.mlp.experts.E.P.weight
+            parts[(int(at), int(expert), proj)] = tensor.clone()
         staged.bytes_read = base.stats.bytes_read
         for layer, pairs in staged.plan.items():
             routed = routed_experts(blocks[layer])
-            dtype = routed.w13_weight.dtype
+            dtype = fused_weights(routed)[0].dtype
             w13 = torch.stack([torch.cat([parts[(layer, e, "gate_proj")], parts[(layer, e, "up_proj")]])
                                for _, e in pairs]).to(dtype)
             w2 = torch.stack([parts[(layer, e, "down_proj")] for _, e in pairs]).to(dtype)
@@ -207,9 +225,9 @@ class SlotControl:
         with torch.no_grad():
             for layer, (slots, ids, w13, w2) in staged.layers.items():
                 block = blocks[layer]
-                routed = routed_experts(block)
-                routed.w13_weight.data.index_copy_(0, slots, w13)
-                routed.w2_weight.data.index_copy_(0, slots, w2)
+                w13_slots, w2_slots = fused_weights(routed_experts(block))
+                w13_slots.data.index_copy_(0, slots, w13)
+                w2_slots.data.index_copy_(0, slots, w2)
                 old = block.slot_occupant[slots]
                 old = old[old >= 0]
                 evicted += int(old.numel())
@@ -228,4 +246,5 @@ def check_pairs(pairs: Sequence[tuple[int, int]]) -> None:
         raise ValueError(f"a slot or an expert appears twice in {list(pairs)}")
 
 
-__all__ = ["KERNEL_INTERNALS", "SLOTS_CONFIG", "SlotControl", "fused_kernel", "routed_experts", "runtime_layout", "slot_topk"]
+__all__ = ["KERNEL_INTERNALS", "SLOTS_CONFIG", "SlotControl", "fused_kernel", "routed_experts", "runtime_layout",
+           "slot_topk"]
