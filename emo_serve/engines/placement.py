@@ -292,8 +292,10 @@ class SharedPlacement(Placement):
 
     # -- expert slots ------------------------------------------------------------------------
     def _pinned(self) -> set[tuple[int, int]]:
-        """(layer, base id) of every expert a subset with requests in flight needs."""
-        busy = {lease.model for e in self.manager.engines.values() for lease in e.leases}
+        """(layer, base id) of every expert a subset with requests admitted to the engine needs
+        (not those still waiting for their own experts: two subsets waiting for each other's
+        slots would wait forever)."""
+        busy = {lease.model for e in self.manager.engines.values() for lease in e.leases if ROW_ARG in lease.extra}
         return {(layer, e) for name in busy if (sub := self.subsets.get(name)) is not None
                 for layer, ids in enumerate(sub.experts) for e in ids}
 
@@ -358,6 +360,8 @@ class SharedPlacement(Placement):
             return lease
         try:
             await self._ensure_resident(lease, model, deadline)
+            # Admitted: from here (no await since the check) its experts are pinned (`_pinned`).
+            lease.extra = {ROW_ARG: sub.row}
             await self._install(lease, model)
         except EngineStartError:  # a dead engine refuses control calls: 503, and it restarts
             lease.release()
@@ -366,7 +370,7 @@ class SharedPlacement(Placement):
         except BaseException:
             lease.release()
             raise
-        lease.extra, lease.salt = {ROW_ARG: sub.row}, sub.salt
+        lease.salt = sub.salt
         return lease
 
     async def load(self, model: str) -> None:

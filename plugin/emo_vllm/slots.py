@@ -25,6 +25,7 @@ the new experts go through the kernel's own padding and prepacking and land in t
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -44,6 +45,9 @@ logger = init_logger("vllm.emo_vllm.slots")
 
 # vLLM's `--additional-config` key: routed-expert slots per MoE layer (0 or absent: no slots).
 SLOTS_CONFIG = "emo_expert_slots"
+# Seconds each load waits before reading: slow storage on demand, for tests that need a load in
+# progress (a stream beside it, an engine killed during it); unset in production.
+STAGE_DELAY_ENV = "EMOVLLM_STAGE_DELAY_S"
 # What the copy reads of a fused-MoE layer and its kernel, checked before the first load.
 KERNEL_INTERNALS = ("MoERunner.routed_experts", "quant_method.moe_kernel.fused_experts",
                     "CPUUnquantizedExperts._pad_moe_intermediate", "CPUUnquantizedExperts.isa",
@@ -149,6 +153,7 @@ def _stage(model: nn.Module, staged: _Staged) -> None:
     """Read the planned experts from the base and lay them out (a worker thread)."""
     t0 = time.perf_counter()
     try:
+        time.sleep(float(os.environ.get(STAGE_DELAY_ENV) or 0))
         blocks = _blocks(model)
         base = Checkpoint(str(getattr(model, "slot_source")))
         wanted = {layer: [e for _, e in pairs] for layer, pairs in staged.plan.items()}

@@ -1,0 +1,169 @@
+"""Expert slots: task subsets created one after another on a server that does not serve the base.
+
+    .venv/bin/python bench/bench_slots.py                      # the shipped demo, 6 slots of 15
+    .venv/bin/python bench/bench_slots.py --model /work/bigckpt/emo-1b14b --dtype bfloat16 \\
+        --slots 32 --routed 16 --subsets 8
+
+One `emo-serve serve --no-serve-base --expert-slots N` (its engine starts with empty slots). Then
+`--subsets` seeded random task subsets of `--routed` routed experts per layer (plus the shared
+expert) are created over HTTP one after another (`POST /v1/subsets`), while a client keeps
+streaming completions on the subsets created before. Per subset: POST -> first streamed token,
+the bytes of the base read for its load (`emo_expert_load_bytes`), the process tree's peak RSS
+so far (sampled every 0.25 s), and the requests that failed. The RSS target printed beside it is
+1.1 x (non-expert weights + slots + the shared experts + a 2 GiB runtime + the KV cache), from the
+checkpoint's headers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from emo_serve.checkpoint import Checkpoint  # noqa: E402
+from emo_serve.default_model import shipped_default_model  # noqa: E402
+from emo_serve.engines.memory import GIB, RUNTIME_BYTES, weight_bytes  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PeakRss(threading.Thread):
+    """The peak RSS of a process and everything below it, sampled until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root, self.peak, self.stopped = psutil.Process(pid), 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.25):
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
+               if line.startswith(name + "{"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="base checkpoint (default: the shipped demo)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--slots", type=int, default=6)
+    ap.add_argument("--routed", type=int, default=4, help="routed experts per layer of each subset")
+    ap.add_argument("--subsets", type=int, default=5)
+    ap.add_argument("--kv-cache-gb", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    model = args.model or str(shipped_default_model())
+    base = Checkpoint(model)
+    cfg = base.config
+    other, _, one_each = weight_bytes(base, args.dtype)
+    target = 1.1 * (other + args.slots * one_each + RUNTIME_BYTES + args.kv_cache_gb * GIB)
+    port = free_port()
+    state = tempfile.mkdtemp(prefix="bench-slots-")
+    cmd = [str(ROOT / ".venv/bin/emo-serve"), "serve", "--model", model, "--no-serve-base", "--engine-mode", "shared",
+           "--expert-slots", str(args.slots), "--dtype", args.dtype, "--kv-cache-gb", str(args.kv_cache_gb),
+           "--max-model-len", "512", "--port", str(port), "--state-dir", state]
+    log = open(Path(state) / "server.log", "w")
+    t_start = time.monotonic()
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    rss = PeakRss(server.pid)
+    rss.start()
+    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, timeout=900)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=900)
+    try:
+        while True:
+            try:
+                engines = http.get("/v1/engines").json()["data"]
+                if engines and engines[0]["state"] == "ready":
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited; see {log.name}")
+            time.sleep(0.5)
+        print(f"engine ready with empty slots: {time.monotonic() - t_start:.1f} s, "
+              f"process tree peak RSS {rss.peak / GIB:.2f} GiB", flush=True)
+        created: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            i = 0
+            while not stop.is_set():
+                if not created:
+                    time.sleep(0.2)
+                    continue
+                name = created[i % len(created)]
+                i += 1
+                try:
+                    for _ in client.completions.create(model=name, prompt="def f(", max_tokens=32, stream=True):
+                        pass
+                except openai.APIError as exc:
+                    failures.append(f"{name}: {exc}")
+
+        threading.Thread(target=traffic, daemon=True).start()
+        rng = random.Random(args.seed)
+        print(f"{'subset':<8} {'POST->1st token s':>18} {'read GiB':>9} {'peak RSS GiB':>13} {'target GiB':>11}")
+        for k in range(args.subsets):
+            name = f"task-{k}"
+            experts = [sorted(rng.sample(cfg.layer_routing(i).routed_ids, args.routed))
+                       if cfg.layer_routing(i).routed_ids else [] for i in range(cfg.num_hidden_layers)]
+            read0 = metric(http, "emo_expert_load_bytes_total")
+            t0 = time.monotonic()
+            r = http.post("/v1/subsets", json={"name": name, "experts": experts})
+            if r.status_code != 201:
+                raise SystemExit(f"POST /v1/subsets answered {r.status_code}: {r.text}")
+            for _ in client.completions.create(model=name, prompt="Hello", max_tokens=1, stream=True):
+                break
+            first = time.monotonic() - t0
+            created.append(name)
+            read = metric(http, "emo_expert_load_bytes_total") - read0
+            print(f"{name:<8} {first:>18.2f} {read / GIB:>9.2f} {rss.peak / GIB:>13.2f} {target / GIB:>11.2f}",
+                  flush=True)
+        time.sleep(2)
+        stop.set()
+        engines = http.get("/v1/engines").json()["data"]
+        print(f"failed requests: {len(failures)}; engines: {[(e['model'], e['starts']) for e in engines]}; "
+              f"evictions: {metric(http, 'emo_expert_evictions_total'):.0f}")
+        for f in failures[:5]:
+            print("  ", f)
+    finally:
+        rss.stopped.set()
+        server.terminate()
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
