@@ -132,7 +132,7 @@ def main() -> None:
 
         threading.Thread(target=traffic, daemon=True).start()
         rng = random.Random(args.seed)
-        print(f"{'subset':<8} {'POST->1st token s':>18} {'read GiB':>9} {'peak RSS GiB':>13} {'target GiB':>11}")
+        print(f"{'subset':<8} {'POST->1st token s':>18} {'read MiB':>9} {'peak RSS GiB':>13} {'target GiB':>11}")
         for k in range(args.subsets):
             name = f"task-{k}"
             experts = [sorted(rng.sample(cfg.layer_routing(i).routed_ids, args.routed))
@@ -147,7 +147,7 @@ def main() -> None:
             first = time.monotonic() - t0
             created.append(name)
             read = metric(http, "emo_expert_load_bytes_total") - read0
-            print(f"{name:<8} {first:>18.2f} {read / GIB:>9.2f} {rss.peak / GIB:>13.2f} {target / GIB:>11.2f}",
+            print(f"{name:<8} {first:>18.2f} {read / 2**20:>9.1f} {rss.peak / GIB:>13.2f} {target / GIB:>11.2f}",
                   flush=True)
         time.sleep(2)
         stop.set()

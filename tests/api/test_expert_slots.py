@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,3 +233,13 @@ def test_an_engine_killed_during_a_load_answers_503_then_recovers(
     check_parity(served, dedicated["s-d"][1], "s-d after the crash")
     assert admin.get("/v1/subsets/s-d").json()["resident_experts"] == [sorted(i) for i in SUBSETS["s-d"]]
     assert engine_of(server, ENGINE)["crashes"] == 1
+
+
+def test_the_page_shows_slot_occupancy_per_layer(server: Server, client: openai.OpenAI, created: dict) -> None:
+    generate(client, "s-c", "warm")
+    html = server.client(ADMIN_KEY).get("/ui").text
+    assert "Expert slots" in html
+    for layer, ids in enumerate(SUBSETS["s-c"]):
+        row = html.split(f'<tr data-layer="{layer}">', 1)[1].split("</tr>", 1)[0]
+        shown = {int(x) for x in re.findall(r'class="slot slot-used">(\d+)<', row)}
+        assert set(ids) <= shown and len(shown) <= SLOTS, (layer, shown)

@@ -46,7 +46,9 @@ def page(service: EmoService) -> str:
     drift = {s.id: drift_points([(start, t.drift) for start, t in book.series(s.id)]) if book else None
              for s in subsets}
     version = service.version()
-    return _templates().get_template("ui.html").render(
+    table = getattr(service.placement, "expert_slots", None)
+    slots = [(layer, held) for layer, held in enumerate(table.occupancy()) if held] if table is not None else None
+    return _templates().get_template("ui.html").render(slots=slots,
         version=version, mode=service.engine_mode, capture=service.routing is not None, models=models,
         subsets=subsets, drift=drift, base_id=service.base_id, serve_base=service.settings.serve_base,
         now=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()))
