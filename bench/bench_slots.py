@@ -7,9 +7,12 @@
 One `emo-serve serve --no-serve-base --expert-slots N` (its engine starts with empty slots). Then
 `--subsets` seeded random task subsets of `--routed` routed experts per layer (plus the shared
 expert) are created over HTTP one after another (`POST /v1/subsets`), while a client keeps
-streaming completions on the subsets created before. Per subset: POST -> first streamed token,
-the bytes of the base read for its load (`emo_expert_load_bytes`), the process tree's peak RSS
-so far (sampled every 0.25 s), and the requests that failed. The RSS target printed beside it is
+streaming completions on the subset created just before (`--traffic previous`) or on all earlier
+ones in turn (`--traffic all`: with subsets that share few experts, more than the slots hold, so
+earlier subsets are reloaded and a new subset's load may queue behind theirs). Per subset: POST ->
+first streamed token, its own load's seconds (from the server log), the bytes of the base read
+meanwhile (`emo_expert_load_bytes`, reloads included), the process tree's peak RSS so far (sampled
+every 0.25 s), and the requests that failed. The RSS target printed beside it is
 1.1 x (non-expert weights + slots + the shared experts + a 2 GiB runtime + the KV cache), from the
 checkpoint's headers.
 """
@@ -17,6 +20,7 @@ checkpoint's headers.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import socket
 import subprocess
@@ -71,6 +75,14 @@ def metric(http: httpx.Client, name: str) -> float:
                if line.startswith(name + "{"))
 
 
+def load_seconds(log: Path, subset: str) -> float:
+    """Seconds of the first load of `subset`'s experts, from the server's structured log."""
+    for line in log.read_text().splitlines():
+        if '"experts loaded into slots"' in line and f'"subset": "{subset}"' in line:
+            return float(json.loads(line)["seconds"])
+    return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="base checkpoint (default: the shipped demo)")
@@ -80,6 +92,7 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=5)
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--traffic", choices=("previous", "all"), default="previous")
     args = ap.parse_args()
     model = args.model or str(shipped_default_model())
     base = Checkpoint(model)
@@ -122,7 +135,7 @@ def main() -> None:
                 if not created:
                     time.sleep(0.2)
                     continue
-                name = created[i % len(created)]
+                name = created[-1] if args.traffic == "previous" else created[i % len(created)]
                 i += 1
                 try:
                     for _ in client.completions.create(model=name, prompt="def f(", max_tokens=32, stream=True):
@@ -132,7 +145,8 @@ def main() -> None:
 
         threading.Thread(target=traffic, daemon=True).start()
         rng = random.Random(args.seed)
-        print(f"{'subset':<8} {'POST->1st token s':>18} {'read MiB':>9} {'peak RSS GiB':>13} {'target GiB':>11}")
+        print(f"{'subset':<8} {'POST->1st token s':>18} {'its load s':>11} {'read MiB':>9} {'peak RSS GiB':>13} "
+              f"{'target GiB':>11}")
         for k in range(args.subsets):
             name = f"task-{k}"
             experts = [sorted(rng.sample(cfg.layer_routing(i).routed_ids, args.routed))
@@ -147,8 +161,9 @@ def main() -> None:
             first = time.monotonic() - t0
             created.append(name)
             read = metric(http, "emo_expert_load_bytes_total") - read0
-            print(f"{name:<8} {first:>18.2f} {read / 2**20:>9.1f} {rss.peak / GIB:>13.2f} {target / GIB:>11.2f}",
-                  flush=True)
+            own = load_seconds(Path(state) / "server.log", name)
+            print(f"{name:<8} {first:>18.2f} {own:>11.2f} {read / 2**20:>9.1f} {rss.peak / GIB:>13.2f} "
+                  f"{target / GIB:>11.2f}", flush=True)
         time.sleep(2)
         stop.set()
         engines = http.get("/v1/engines").json()["data"]

@@ -173,13 +173,9 @@ class LiveRouting:
 
     # -- routing statistics --------------------------------------------------------------------
     def _router(self, model: str) -> str:
-        """How much of the base's router the model's engine holds (see `Drift.router`)."""
-        engine = self.placement.engine_of(model)
-        if not isinstance(self.placement, SharedPlacement):
-            return "none"
-        if engine is None:
-            return "full" if self.settings.serve_base else "partial"
-        return "full" if self.placement.local_ids(engine.model_id) is None else "partial"
+        """How much of the base's router the model's engine holds (see `Drift.router`): a shared
+        engine always holds all of it (expert slots included); a dedicated one only its subset's."""
+        return "full" if isinstance(self.placement, SharedPlacement) else "none"
 
     async def fresh_routing(self) -> None:
         """Collect the engines' counts unless the last collection is under `FRESH_SECONDS` old."""

@@ -220,10 +220,10 @@ class Drift(BaseModel):
                                        "the traffic routes as the subset does; null before any token was measured")
     tokens: int = Field(description="tokens measured")
     window: float | None = Field(None, description="seconds looked back (null: all time)")
-    router: Literal["full", "partial", "none"] = Field(
-        description="full: the engine holds the base's whole router (the base is served), so the mass is "
-        "exact; partial: a shared engine holding a union of subsets (mass over its experts only); none: "
-        "a dedicated engine, whose router has only the subset's experts (no drift measured)")
+    router: Literal["full", "none"] = Field(
+        description="full: a shared engine, which holds the base's whole router (with the base served or "
+        "with expert slots), so the mass is exact; none: a dedicated engine, whose router has only the "
+        "subset's experts (no drift measured)")
     collected_at: float | None = Field(None, description="when the engines' counts were last collected "
                                        "(seconds since the epoch; null before the first collection): tokens "
                                        "routed since are not in `tokens` yet")

@@ -30,6 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -38,7 +39,7 @@ from torch import nn
 from vllm.logger import init_logger
 
 from emo_serve.checkpoint import Checkpoint
-from emo_serve.stream import iter_planned, plan_experts
+from emo_serve.stream import plan_experts
 
 from .runner_hook import SUPPORTED_VLLM
 
@@ -163,41 +164,55 @@ def _blocks(model: nn.Module) -> dict[int, SlotBlock]:
 
 def _stage(model: nn.Module, staged: _Staged) -> None:
     """Read the planned experts from the base one layer at a time, straight into checkpoint-layout
-    tensors, lay them out for the kernel and queue them for `commit` (a worker thread)."""
+    tensors (the next layer is read while this one is laid out for the kernel), and queue each
+    layer for `commit` (a worker thread)."""
     t0 = time.perf_counter()
     try:
         time.sleep(float(os.environ.get(STAGE_DELAY_ENV) or 0))
         blocks = _blocks(model)
         base = Checkpoint(str(model.slot_source))
-        inter, hidden = base.config.intermediate_size, base.config.hidden_size
-        for layer, pairs in sorted(staged.plan.items()):
-            routed = routed_experts(blocks[layer])
-            dtype = fused_weights(routed)[0].dtype
-            column = {e: j for j, (_, e) in enumerate(pairs)}
-            w13 = torch.empty(len(pairs), 2 * inter, hidden, dtype=dtype)
-            w2 = torch.empty(len(pairs), hidden, inter, dtype=dtype)
-            for name, tensor in iter_planned(base, plan_experts(base, {layer: list(column)})):
-                _, _, _, _, _, expert, proj, _ = name.split(".")  # model.layers.L.mlp.experts.E.P.weight
-                j = column[int(expert)]
-                target = {"gate_proj": w13[j, :inter], "up_proj": w13[j, inter:], "down_proj": w2[j]}[proj]
-                target.copy_(tensor)
-                del tensor
-            w13, w2 = runtime_layout(routed, w13, w2)
-            item = (layer, torch.tensor([s for s, _ in pairs]), torch.tensor(list(column)), w13, w2)
-            while not staged.abandoned.is_set():
-                try:
-                    staged.ready.put(item, timeout=1.0)
-                    break
-                except queue.Full:
-                    continue
-            if staged.abandoned.is_set():
-                return
+        layers = sorted(staged.plan.items())
+        with ThreadPoolExecutor(1, thread_name_prefix="emo-slots-read") as reader:
+            reading = reader.submit(_read_layer, base, blocks, *layers[0])
+            for k, (layer, pairs) in enumerate(layers):
+                w13, w2 = reading.result()
+                if k + 1 < len(layers):
+                    reading = reader.submit(_read_layer, base, blocks, *layers[k + 1])
+                w13, w2 = runtime_layout(routed_experts(blocks[layer]), w13, w2)
+                item = (layer, torch.tensor([s for s, _ in pairs]), torch.tensor([e for _, e in pairs]), w13, w2)
+                while not staged.abandoned.is_set():
+                    try:
+                        staged.ready.put(item, timeout=1.0)
+                        break
+                    except queue.Full:
+                        continue
+                if staged.abandoned.is_set():
+                    return
         staged.bytes_read = base.stats.bytes_read
     except Exception as exc:  # reported by the next commit call, which the front end makes anyway
         logger.exception("emo expert slots: staging a load failed")
         staged.error = f"{type(exc).__name__}: {exc}"
     staged.seconds = time.perf_counter() - t0
     staged.done.set()
+
+
+def _read_layer(base: Checkpoint, blocks: dict[int, SlotBlock], layer: int, pairs: list[tuple[int, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's planned experts in checkpoint layout (`[k, 2I, H]` gate|up, `[k, H, I]` down),
+    in the engine's dtype, read straight into place."""
+    inter, hidden = base.config.intermediate_size, base.config.hidden_size
+    dtype = fused_weights(routed_experts(blocks[layer]))[0].dtype
+    column = {e: j for j, (_, e) in enumerate(pairs)}
+    w13 = torch.empty(len(pairs), 2 * inter, hidden, dtype=dtype)
+    w2 = torch.empty(len(pairs), hidden, inter, dtype=dtype)
+    targets = []
+    for planned in plan_experts(base, {layer: list(column)}):
+        _, _, _, _, _, expert, proj, _ = planned.name.split(".")  # model.layers.L.mlp.experts.E.P.weight
+        j = column[int(expert)]
+        out = {"gate_proj": w13[j, :inter], "up_proj": w13[j, inter:], "down_proj": w2[j]}[proj]
+        targets.append((planned.sources[0], out))
+    base.read_into(targets)
+    return w13, w2
 
 
 def _commit_layer(blocks: dict[int, SlotBlock], layer: int, slots: torch.Tensor, ids: torch.Tensor,

@@ -243,3 +243,14 @@ def test_the_page_shows_slot_occupancy_per_layer(server: Server, client: openai.
         row = html.split(f'<tr data-layer="{layer}">', 1)[1].split("</tr>", 1)[0]
         shown = {int(x) for x in re.findall(r'class="slot slot-used">(\d+)<', row)}
         assert set(ids) <= shown and len(shown) <= SLOTS, (layer, shown)
+
+
+def test_routing_is_counted_in_base_ids_with_the_whole_router(admin: httpx.Client, client: openai.OpenAI,
+                                                              created: dict) -> None:
+    """The engine's router covers every base expert whatever is resident, so drift is exact."""
+    for _ in range(3):
+        generate(client, "s-b", PROMPTS[1])
+    drift = admin.get("/v1/subsets/s-b").json()["drift"]
+    assert drift["router"] == "full" and drift["tokens"] > 0, drift
+    # The base's router puts some of its top-k weight on experts s-b dropped (4 of 15 kept).
+    assert 0 < drift["mass_outside"] < 1, drift
