@@ -15,12 +15,19 @@ meanwhile (`emo_expert_load_bytes`, reloads included), the process tree's peak R
 every 0.25 s), and the requests that failed. The RSS target printed beside it is
 1.1 x (non-expert weights + slots + the shared experts + a 2 GiB runtime + the KV cache), from the
 checkpoint's headers.
+
+`--before REV` adds, in the same run and first, what the project did before expert slots: the
+tree at git revision REV (e.g. 1334525) serving the first subset (`--preload-subset`) and then the
+second one by building an engine for the union of both and switching to it. Measured: the second
+subset's POST -> first token and the process tree's peak RSS; the run is stopped if available
+memory falls under 1.5 GiB (the kernel's OOM killer would otherwise pick a process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import subprocess
@@ -75,6 +82,90 @@ def metric(http: httpx.Client, name: str) -> float:
                if line.startswith(name + "{"))
 
 
+def wait_engine_ready(http: httpx.Client, server: subprocess.Popen, log: Path) -> None:
+    while True:
+        try:
+            engines = http.get("/v1/engines").json()["data"]
+            if engines and all(e["state"] == "ready" for e in engines):
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited; see {log}")
+        time.sleep(0.5)
+
+
+def random_experts(cfg, rng: random.Random, routed: int) -> list[list[int]]:
+    return [sorted(rng.sample(cfg.layer_routing(i).routed_ids, routed)) if cfg.layer_routing(i).routed_ids else []
+            for i in range(cfg.num_hidden_layers)]
+
+
+def before(args: argparse.Namespace, model: str, base: Checkpoint) -> None:
+    """The union-engine rebuild of revision `args.before`, for the second subset."""
+    from emo_serve.subset import make_subset
+
+    tree = Path(tempfile.mkdtemp(prefix="bench-before-"))
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
+                   capture_output=True)
+    state = Path(tempfile.mkdtemp(prefix="bench-before-state-"))
+    rng = random.Random(args.seed)
+    first, second = (random_experts(base.config, rng, args.routed) for _ in range(2))
+    make_subset(base, first, "task-0").save(state / "task-0.json")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{tree}:{tree / 'plugin'}"}
+    cmd = [str(ROOT / ".venv/bin/python"), "-c", "import sys; from emo_serve.cli import main; sys.exit(main())",
+           "serve", "--model", model, "--no-serve-base",
+           "--engine-mode", "shared", "--preload-subset", str(state / "task-0.json"), "--dtype", args.dtype,
+           "--kv-cache-gb", str(args.kv_cache_gb), "--max-model-len", "512", "--port", str(port),
+           "--state-dir", str(state / "state")]
+    log = state / "server.log"
+    t0 = time.monotonic()
+    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, process_group=0, env=env,
+                              cwd=tree)
+    rss = PeakRss(server.pid)
+    rss.start()
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=900)
+    try:
+        wait_engine_ready(http, server, log)
+        print(f"before ({args.before}): ready with task-0 in {time.monotonic() - t0:.1f} s, "
+              f"peak RSS {rss.peak / GIB:.2f} GiB", flush=True)
+        t1 = time.monotonic()
+        r = http.post("/v1/subsets", json={"name": "task-1", "experts": second})
+        if r.status_code != 201:
+            raise SystemExit(f"POST /v1/subsets answered {r.status_code}: {r.text}")
+        done = threading.Event()
+        outcome: list[str] = []
+
+        def first_token() -> None:
+            try:
+                for _ in client.completions.create(model="task-1", prompt="Hello", max_tokens=1, stream=True):
+                    break
+                outcome.append(f"{time.monotonic() - t1:.1f} s")
+            except openai.APIError as exc:
+                outcome.append(f"failed: {exc}")
+            done.set()
+
+        threading.Thread(target=first_token, daemon=True).start()
+        low = None
+        while not done.wait(0.5):
+            avail = psutil.virtual_memory().available
+            if avail < 1.5 * GIB:
+                low = avail
+                break
+        result = outcome[0] if outcome else f"stopped at {time.monotonic() - t1:.1f} s: {low / GIB:.2f} GiB available"
+        print(f"before ({args.before}): task-1 POST -> first token {result}; peak RSS {rss.peak / GIB:.2f} GiB",
+              flush=True)
+    finally:
+        rss.stopped.set()
+        server.terminate()
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
 def load_seconds(log: Path, subset: str) -> float:
     """Seconds of the first load of `subset`'s experts, from the server's structured log."""
     for line in log.read_text().splitlines():
@@ -93,11 +184,14 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traffic", choices=("previous", "all"), default="previous")
+    ap.add_argument("--before", default=None, help="git revision of the union-engine rebuild to run first")
     args = ap.parse_args()
     model = args.model or str(shipped_default_model())
     base = Checkpoint(model)
     cfg = base.config
     other, _, one_each = weight_bytes(base, args.dtype)
+    if args.before:
+        before(args, model, base)
     target = 1.1 * (other + args.slots * one_each + RUNTIME_BYTES + args.kv_cache_gb * GIB)
     port = free_port()
     state = tempfile.mkdtemp(prefix="bench-slots-")
@@ -144,13 +238,12 @@ def main() -> None:
                     failures.append(f"{name}: {exc}")
 
         threading.Thread(target=traffic, daemon=True).start()
-        rng = random.Random(args.seed)
+        rng = random.Random(args.seed)  # the same subsets as --before's
         print(f"{'subset':<8} {'POST->1st token s':>18} {'its load s':>11} {'read MiB':>9} {'peak RSS GiB':>13} "
               f"{'target GiB':>11}")
         for k in range(args.subsets):
             name = f"task-{k}"
-            experts = [sorted(rng.sample(cfg.layer_routing(i).routed_ids, args.routed))
-                       if cfg.layer_routing(i).routed_ids else [] for i in range(cfg.num_hidden_layers)]
+            experts = random_experts(cfg, rng, args.routed)
             read0 = metric(http, "emo_expert_load_bytes_total")
             t0 = time.monotonic()
             r = http.post("/v1/subsets", json={"name": name, "experts": experts})

@@ -270,37 +270,62 @@ class Checkpoint:
     def read_into(self, targets: Sequence[tuple[TensorInfo, torch.Tensor]], *, threads: int = 4) -> None:
         """Read each tensor into its `out` tensor (same shape; converted if its dtype differs).
 
-        For loading experts into a running engine's slots: a local file of the right dtype is read
-        straight into `out`'s memory (no intermediate buffer, no copy), `threads` tensors at a
-        time (a disk serves parallel reads faster than one stream: 1.4 vs 0.7 GB/s measured);
-        other locations are fetched by byte range and copied."""
+        For loading experts into a running engine's slots: from a local file, tensors of the right
+        dtype are read straight into `out`'s memory (no intermediate buffer, no copy), those that
+        are adjacent in the file with one `preadv` (an expert's three matrices are), `threads`
+        runs at a time (a disk serves parallel reads faster than one stream: 1.4 vs 0.7 GB/s
+        measured); other locations are fetched by byte range and copied."""
         for info, out in targets:
             if tuple(out.shape) != tuple(info.shape):
                 raise CheckpointError(f"{info.name}: shape {list(info.shape)} cannot be read into {list(out.shape)}")
+        local = isinstance(self.fs, LocalFileSystem)
+        direct = [(i, o) for i, o in targets if local and o.dtype == i.torch_dtype and o.is_contiguous()
+                  and o.device.type == "cpu" and i.nbytes]
+        copied = [(i, o) for i, o in targets if not any(i is d for d, _ in direct)]
+        runs: list[list[tuple[TensorInfo, torch.Tensor]]] = []
+        for info, out in sorted(direct, key=lambda t: (t[0].shard, t[0].start)):
+            last = runs[-1][-1][0] if runs else None
+            if last is not None and last.shard == info.shard and last.end == info.start:
+                runs[-1].append((info, out))
+            else:
+                runs.append([(info, out)])
 
-        def one(target: tuple[TensorInfo, torch.Tensor]) -> int:
+        def read_run(run: list[tuple[TensorInfo, torch.Tensor]]) -> int:
+            first = run[0][0]
+            arrays: list[Any] = [out.view(torch.uint8).numpy() for _, out in run]  # share the outs' memory
+            views = [memoryview(a).cast("B") for a in arrays]
+            total, done = sum(len(v) for v in views), 0
+            fd = os.open(self.path(first.shard.rsplit("/", 1)[-1]), os.O_RDONLY)
+            try:
+                while done < total:
+                    skip, rest = done, []
+                    for v in views:  # the buffers not yet full, from where the last read stopped
+                        if skip >= len(v):
+                            skip -= len(v)
+                            continue
+                        rest.append(v[skip:])
+                        skip = 0
+                    got = os.preadv(fd, rest, first.start + done)
+                    if got == 0:
+                        raise CheckpointError(f"{self._where(first.shard)}: read {done} bytes at {first.start}, "
+                                              f"expected {total} (file truncated or changed since its header "
+                                              "was read)")
+                    done += got
+            finally:
+                os.close(fd)
+                for v in views:
+                    v.release()
+            return total
+
+        def copy_one(target: tuple[TensorInfo, torch.Tensor]) -> int:
             info, out = target
-            if (isinstance(self.fs, LocalFileSystem) and out.dtype == info.torch_dtype and out.is_contiguous()
-                    and out.device.type == "cpu" and info.nbytes):
-                array: Any = out.view(torch.uint8).numpy()  # shares out's memory
-                view = memoryview(array).cast("B")
-                n = 0
-                with open(self.path(info.shard.rsplit("/", 1)[-1]), "rb") as f:
-                    f.seek(info.start)
-                    while n < info.nbytes and (got := f.readinto(view[n:])):
-                        n += got
-                view.release()
-                if n != info.nbytes:
-                    raise CheckpointError(f"{self._where(info.shard)}: read {n} bytes at {info.start}, expected "
-                                          f"{info.nbytes} (file truncated or changed since its header was read)")
-                return n
             data = self._fetch_checked(info.shard, info.start, info.end)
             out.copy_(_tensor_view(data, info, 0))
             return len(data)
 
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="emo-read") as pool:
-            sizes = list(pool.map(one, targets))
-        self.stats = ReadStats(self.stats.bytes_read + sum(sizes), self.stats.requests + len(sizes))
+            sizes = list(pool.map(read_run, runs)) + list(pool.map(copy_one, copied))
+        self.stats = ReadStats(self.stats.bytes_read + sum(sizes), self.stats.requests + len(runs) + len(copied))
 
     def _read_range(self, shard_where: str, start: int, end: int) -> bytearray:
         data = self._fetch_checked(shard_where, start, end)
