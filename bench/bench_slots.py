@@ -13,7 +13,7 @@ earlier subsets are reloaded and a new subset's load may queue behind theirs). P
 first streamed token, its own load's seconds (from the server log), the bytes of the base read
 meanwhile (`emo_expert_load_bytes`, reloads included), the process tree's peak RSS so far (sampled
 every 0.25 s), and the requests that failed. The RSS target printed beside it is
-1.1 x (non-expert weights + slots + the shared experts + a 2 GiB runtime + the KV cache), from the
+1.1 x (non-expert weights + slots + the shared experts + a 3 GiB runtime (`engines.memory.RUNTIME_BYTES`) + the KV cache), from the
 checkpoint's headers.
 
 `--before REV` adds, in the same run and first, what the project did before expert slots: the

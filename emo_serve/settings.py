@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     expert_slots: int | None = Field(
         None, ge=1, description="with the base not served (--no-serve-base, shared engine): routed experts "
         "per layer the engine holds, loaded and evicted as subsets need them (default: what fits in half the "
-        "memory left after the non-expert weights, a 2 GiB runtime and the KV cache, at most every expert)")
+        "memory left after the non-expert weights, a 3 GiB runtime and the KV cache, at most every expert)")
     preload_subsets: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="subset manifest registered and loaded at start; repeatable "
         "(environment: comma-separated)")

@@ -106,6 +106,7 @@ class EmoService(LiveRouting):
         self.heatmaps = HeatmapCache()
         self._prepared = False
         self._base_dir: str | None = None
+        self._preloading: asyncio.Task | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -185,8 +186,12 @@ class EmoService(LiveRouting):
                     log.warning("stored subset not served", extra={"subset": record.name, "error": str(exc)})
         for model in self._startup_models:
             await self.placement.load(model)
-        if isinstance(self.placement, SharedPlacement) and self.expert_slots is not None:
-            await self.engines.load(SLOTS_ENGINE)  # with empty slots: a new subset's first token costs a load only
+        if isinstance(self.placement, SharedPlacement):
+            if self.expert_slots is not None:
+                await self.engines.load(SLOTS_ENGINE)  # with empty slots: a new subset's first token costs a load only
+            # Preloaded subsets get their mask rows (and experts) as soon as the engine is up, so
+            # that /ready means their first request is served at once.
+            self._preloading = asyncio.create_task(self._preload_subsets())
         # Start-up objects (torch, tokenizers, pydantic schemas) never die: move them out of the
         # collector's reach, or every full collection walks them again (measured: a third of the
         # front end's CPU per request went to the GC).
@@ -225,6 +230,15 @@ class EmoService(LiveRouting):
             log.warning("routing capture is off: it needs vLLM's V1 CPU runner, and this %s build runs "
                         "Model Runner V2", platform)
         return platform == "cpu"
+
+    async def _preload_subsets(self) -> None:
+        for model in self._startup_models:
+            if model == self.base_id:
+                continue
+            try:
+                (await self.placement.acquire(model)).release()
+            except (Busy, Unavailable) as exc:  # the engine failed: its first request retries
+                log.warning("could not preload subset", extra={"subset": model, "error": str(exc)})
 
     def _expert_slots(self) -> SlotTable | None:
         """The shared engine's expert slots when the base is not served (None: every expert is
@@ -272,6 +286,8 @@ class EmoService(LiveRouting):
             await self.routing.attach(engine, proc)
 
     async def stop(self) -> None:
+        if self._preloading is not None:
+            self._preloading.cancel()
         if hasattr(self, "jobs"):
             self.jobs.close()
         if self.routing is not None:
@@ -295,6 +311,7 @@ class EmoService(LiveRouting):
             states[model] = engine.state.value if engine else "missing"
         down = [m for m in self._startup_models if (e := self.placement.engine_of(m)) is not None and e.down]
         ok = not down and all((e := self.placement.engine_of(m)) is not None and e.model_id in self._ever_ready
+                              and (m == self.base_id or self.placement.model_state(m) is EngineState.READY)
                               for m in self._startup_models)
         detail = None
         if down:  # short reasons only: /ready is unauthenticated (the engine logs go to the server log)
