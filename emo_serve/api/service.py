@@ -187,8 +187,10 @@ class EmoService(LiveRouting):
         for model in self._startup_models:
             await self.placement.load(model)
         if isinstance(self.placement, SharedPlacement):
-            if self.expert_slots is not None:
-                await self.engines.load(SLOTS_ENGINE)  # with empty slots: a new subset's first token costs a load only
+            if self.expert_slots is not None and (self.placement.subsets or s.expert_slots):
+                # Set up for subsets (it has some, or its slots were sized): start the engine now,
+                # so a new subset's first token costs a load only. A bare server starts none.
+                await self.engines.load(SLOTS_ENGINE)
             # Preloaded subsets get their mask rows (and experts) as soon as the engine is up, so
             # that /ready means their first request is served at once.
             self._preloading = asyncio.create_task(self._preload_subsets())
