@@ -187,9 +187,12 @@ class EmoService(LiveRouting):
         for model in self._startup_models:
             await self.placement.load(model)
         if isinstance(self.placement, SharedPlacement):
-            if self.expert_slots is not None and (self.placement.subsets or s.expert_slots):
-                # Set up for subsets (it has some, or its slots were sized): start the engine now,
-                # so a new subset's first token costs a load only. A bare server starts none.
+            if self.expert_slots is not None and s.expert_slots:
+                # Slots sized by the operator: a server set up for subsets starts its engine now,
+                # so a new subset's first token costs a load only. Otherwise it starts with the
+                # first request for a subset (or a preloaded one, above): an idle engine is not free
+                # on a CPU host (its health probes and routing collections keep vLLM's workers
+                # busy-polling).
                 await self.engines.load(SLOTS_ENGINE)
             # Preloaded subsets get their mask rows (and experts) as soon as the engine is up, so
             # that /ready means their first request is served at once.
