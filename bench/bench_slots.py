@@ -12,9 +12,9 @@ ones in turn (`--traffic all`: with subsets that share few experts, more than th
 earlier subsets are reloaded and a new subset's load may queue behind theirs). Per subset: POST ->
 first streamed token, its own load's seconds (from the server log), the bytes of the base read
 meanwhile (`emo_expert_load_bytes`, reloads included), the process tree's peak RSS so far (sampled
-every 0.25 s), and the requests that failed. The RSS target printed beside it is
-1.1 x (non-expert weights + slots + the shared experts + a 3 GiB runtime (`engines.memory.RUNTIME_BYTES`) + the KV cache), from the
-checkpoint's headers.
+every 0.25 s), and the requests that failed. The RSS target printed beside it is 1.1 x
+(non-expert weights + slots + the shared experts + a 3 GiB runtime (`engines.memory.RUNTIME_BYTES`)
++ the KV cache), from the checkpoint's headers.
 
 `--before REV` adds, in the same run and first, what the project did before expert slots: the
 tree at git revision REV (e.g. 1334525) serving the first subset (`--preload-subset`) and then the
@@ -80,6 +80,16 @@ class PeakRss(threading.Thread):
 def metric(http: httpx.Client, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
                if line.startswith(name + "{"))
+
+
+def stop_server(server: subprocess.Popen, rss: PeakRss) -> None:
+    """Stop sampling and the server (SIGTERM, then SIGKILL after 120 s)."""
+    rss.stopped.set()
+    server.terminate()
+    try:
+        server.wait(120)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def wait_engine_ready(http: httpx.Client, server: subprocess.Popen, log: Path) -> None:
@@ -157,12 +167,7 @@ def before(args: argparse.Namespace, model: str, base: Checkpoint) -> None:
         print(f"before ({args.before}): task-1 POST -> first token {result}; peak RSS {rss.peak / GIB:.2f} GiB",
               flush=True)
     finally:
-        rss.stopped.set()
-        server.terminate()
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, rss)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
@@ -265,12 +270,7 @@ def main() -> None:
         for f in failures[:5]:
             print("  ", f)
     finally:
-        rss.stopped.set()
-        server.terminate()
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, rss)
 
 
 if __name__ == "__main__":
