@@ -157,9 +157,14 @@ def test_subsets_served_in_turn_then_interleaved_match_dedicated_engines(
 
 def test_a_stream_runs_on_while_other_experts_load_and_evict(admin: httpx.Client, client: openai.OpenAI,
                                                               created: dict) -> None:
-    generate(client, "s-a", "warm")  # s-a resident and most recently used: 2 older slots per layer
+    # A known state whatever the interleaving before left resident: s-c, then s-a, leaves s-a's four
+    # experts and two of s-c's per layer (the least recently used go first), so s-f's 4 and 5 are
+    # missing at every layer and its load evicts two of s-c's.
+    generate(client, "s-c", "warm")
+    generate(client, "s-a", "warm")
     r = admin.post("/v1/subsets", json={"name": "s-f", "experts": [[4, 5]] * 4})
     assert r.status_code == 201, r.text
+    assert r.json()["resident_experts"] == [[]] * 4, r.json()
     loads, evictions = metric(admin, "emo_expert_loads_total"), metric(admin, "emo_expert_evictions_total")
     stamps: list[float] = []
     with ThreadPoolExecutor(1) as pool:
