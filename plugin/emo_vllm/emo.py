@@ -69,8 +69,9 @@ from . import manifest, usage
 from .config import EmoConfig
 from .cpu import cpu_summary
 from .masks import SLOTS_CONFIG, EmoExpertMasks
+from .routing_ops import mask_logits, slot_topk
 from .slots import SLOTS_CONFIG as EXPERT_SLOTS_CONFIG
-from .slots import slot_topk
+from .step_inputs import StepInputs
 
 logger = init_logger("vllm.emo_vllm.emo")
 
@@ -140,9 +141,9 @@ class EmoSparseMoeBlock(nn.Module):
         super().__init__()
         self.routing = routing
         self.layer_index = extract_layer_index(prefix)
-        # Live routing capture (see usage.py): a Python constant, so a traced forward keeps or
-        # drops the capture op once, at the first trace.
-        self.capture_usage = routing_usage is not None
+        # Live routing capture (see usage.py): the step's tally, tensor work in the forward. A
+        # plain object, not a module: fixed for the model's life, so a trace keeps or drops it.
+        self.routing_usage = routing_usage
         # Shared-engine mode (see masks.py): a row of 0 / -inf per subset, added to the router
         # logits of each token by the row its request names. The row index is the model's
         # buffer, held here as a plain attribute so it is not registered once per layer.
@@ -206,10 +207,10 @@ class EmoSparseMoeBlock(nn.Module):
         orig_shape = hidden_states.shape
         hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
         router_logits, _ = self.gate(hidden_states)
-        if self.capture_usage:
-            router_logits = usage.capture_routing(router_logits, self.layer_index)
+        if self.routing_usage is not None:
+            self.routing_usage.record(self.layer_index, router_logits)
         if self.subset_masks is not None and self.token_rows is not None:
-            router_logits = router_logits + self.subset_masks[self.token_rows[: router_logits.shape[0]]]
+            router_logits = mask_logits(router_logits, self.subset_masks, self.token_rows)
         # Fast path: the shared logit is dropped; softmax over one logit is 1.0.
         out = self.experts(hidden_states=hidden_states,
                            router_logits=router_logits[:, : self.routing.num_routed if self.fast_shared
@@ -319,7 +320,8 @@ class EmoModel(nn.Module):
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         slots = int(extra.get(SLOTS_CONFIG, 0))
         self.expert_masks = EmoExpertMasks(slots, max_tokens) if slots > 0 else None
-        routing_usage = usage.enable(max_tokens) if extra.get(usage.USAGE_CONFIG) else None
+        max_reqs = vllm_config.scheduler_config.max_num_seqs
+        routing_usage = usage.enable(max_tokens, max_reqs) if extra.get(usage.USAGE_CONFIG) else None
         self.expert_slots = int(extra.get(EXPERT_SLOTS_CONFIG, 0))
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
@@ -333,6 +335,14 @@ class EmoModel(nn.Module):
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Each step's per-token mask rows and tally keys, filled before the forward by the runner's
+        # adapter (step_inputs.py); None on a plain engine.
+        token_rows = self.expert_masks.token_rows if self.expert_masks is not None else None
+        tally = routing_usage.build(token_rows) if routing_usage is not None else None
+        self.step_inputs = None if token_rows is None and tally is None else StepInputs(
+            token_rows=token_rows, installed_rows=self.expert_masks.installed if self.expert_masks else None,
+            token_keys=tally.token_keys if tally is not None else None,
+            key_index=routing_usage.key_index if routing_usage is not None else None)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size)
 
@@ -435,6 +445,14 @@ class EmoForCausalLM(nn.Module, SupportsPP):
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    @staticmethod
+    def get_model_state_cls() -> type:
+        """Model Runner V2's per-request extension point (masks and capture; see model_state.py).
+        The V1 runner never asks; there `runner_hook` fills the same buffers."""
+        from .model_state import EmoModelState
+
+        return EmoModelState
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

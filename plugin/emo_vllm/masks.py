@@ -11,10 +11,10 @@ one continuous batch. This is vLLM's LoRA path applied to routing:
   (`[max_num_batched_tokens]`), read by every MoE layer. They are filled in place and never
   replaced, so a traced or graph-captured model sees the new values (a Python value read in
   `forward()` would be frozen by Dynamo at the first trace);
-* the model runner (`runner_hook`) turns each scheduled request's row (`SamplingParams.extra_args`, filled by
-  the OpenAI server from the body's `vllm_xargs`) into the per-token index once per step, right
-  after `_prepare_inputs` computed the token -> batch-row map (`req_indices`), as
-  `set_active_loras` does for adapters;
+* before each forward, `step_inputs` turns each scheduled request's row (`SamplingParams.extra_args`,
+  filled by the OpenAI server from the body's `vllm_xargs`) into the per-token index, as
+  `set_active_loras` does for adapters: through the model's `ModelState` on Model Runner V2, and
+  a hook on `_prepare_inputs` on the V1 runner;
 * rows are installed and cleared by control calls between steps (`collective_rpc` to the
   methods of `MaskControl`, part of `emo_vllm.worker.EmoWorkerExtension`), never inside a forward.
 """
@@ -25,18 +25,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from vllm.logger import init_logger
 
-from . import usage
-from .runner_hook import extra_args, on_each_step
+from .step_inputs import ROW_ARG, attach_step_inputs
 
-logger = init_logger("vllm.emo_vllm.masks")
-
-# The request field (inside `vllm_xargs` / `SamplingParams.extra_args`) naming the mask row.
-ROW_ARG = "emo_subset_row"
 # vLLM's `--additional-config` key that turns masks on and sizes the table (rows incl. row 0).
 SLOTS_CONFIG = "emo_subset_slots"
 
@@ -67,50 +60,23 @@ def masks_of(model: nn.Module) -> tuple[EmoExpertMasks, dict[int, torch.Tensor]]
     return found[0], tables
 
 
-def install_row_hook(runner: Any, masks: EmoExpertMasks) -> None:
-    """Fill `masks.token_rows` every step with the row each scheduled token's request names."""
-    if masks.token_rows.device.type != "cpu":
-        # The CPU runner's buffers are host memory, written in place; a GPU needs a pinned host
-        # copy and a device copy filled before CUDA-graph replay (and GPUs run Model Runner V2).
-        raise RuntimeError(f"emo-vllm's expert masks support the CPU runner only, not {masks.token_rows.device}")
-    rows_np = masks.token_rows.numpy()  # CPU buffer: a view, written in place
-
-    def fill(states: Sequence[Any], token_batch_rows: np.ndarray) -> None:
-        req_rows = np.fromiter((request_row(s, masks) for s in states), dtype=np.int64, count=len(states))
-        rows_np[: len(token_batch_rows)] = req_rows[token_batch_rows]
-
-    on_each_step(runner, "masks", fill)
-
-
-def request_row(state: Any, masks: EmoExpertMasks) -> int:
-    """A request's mask row; 0 (unmasked) when it names none, or one that is not installed."""
-    row = extra_args(state).get(ROW_ARG, 0)
-    if not isinstance(row, int) or row not in masks.installed:
-        if row:
-            logger.warning("request %s names mask row %r, which is not installed; routing unmasked",
-                           getattr(state, "req_id", "?"), row)
-        return 0
-    return row
-
-
 class MaskControl:
     """The worker's mask control calls (mixed into `emo_vllm.worker.EmoWorkerExtension`)."""
 
     model_runner: Any
 
     def emo_masks_attach(self) -> dict[str, Any]:
-        """Install the runner hook (idempotent); answer the table's shape."""
+        """Make sure each step fills the rows (idempotent); answer the table's shape and runner."""
         masks, tables = masks_of(self.model_runner.get_model())
-        install_row_hook(self.model_runner, masks)
+        runner = attach_step_inputs(self.model_runner)
         return {"slots": masks.slots, "layers": {str(i): int(t.shape[1]) for i, t in sorted(tables.items())},
-                "installed": sorted(masks.installed)}
+                "installed": sorted(masks.installed), "runner": runner}
 
     def emo_set_subset(self, row: str, key: str, kept: str) -> dict[str, Any]:
         """Install mask row `row` for subset `key`: `kept` is JSON {layer: [engine expert ids kept]};
         every id of a listed layer that is not kept gets -inf, other layers stay unmasked."""
         masks, tables = masks_of(self.model_runner.get_model())
         slot = int(row)
-        usage.flush_pending()  # buffered tokens are tallied with the rows they routed with
         if not 0 < slot < masks.slots:
             raise ValueError(f"mask row {slot} is outside 1..{masks.slots - 1}")
         keep: dict[str, Sequence[int]] = json.loads(kept)
@@ -118,8 +84,8 @@ class MaskControl:
             ids = keep.get(str(layer))
             table[slot].zero_()
             if ids is not None:
-                drop = torch.ones(table.shape[1], dtype=torch.bool)
-                drop[torch.tensor(list(ids), dtype=torch.long)] = False
+                drop = torch.ones(table.shape[1], dtype=torch.bool, device=table.device)
+                drop[torch.tensor(list(ids), dtype=torch.long, device=table.device)] = False
                 table[slot].masked_fill_(drop, float("-inf"))
         masks.installed[slot] = key
         return {"row": slot, "key": key}
@@ -128,7 +94,6 @@ class MaskControl:
         """Forget mask row `row`: the row is zeroed and requests naming it route unmasked."""
         masks, tables = masks_of(self.model_runner.get_model())
         slot = int(row)
-        usage.flush_pending()
         for table in tables.values():
             table[slot].zero_()
         key = masks.installed.pop(slot, None)
@@ -140,4 +105,4 @@ class MaskControl:
         return {str(r): k for r, k in sorted(masks.installed.items())}
 
 
-__all__ = ["EmoExpertMasks", "MaskControl", "ROW_ARG", "SLOTS_CONFIG", "install_row_hook", "masks_of"]
+__all__ = ["EmoExpertMasks", "MaskControl", "ROW_ARG", "SLOTS_CONFIG", "masks_of"]

@@ -41,6 +41,7 @@ from vllm.logger import init_logger
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.stream import plan_experts
 
+from .routing_ops import slot_topk
 from .runner_hook import SUPPORTED_VLLM
 
 logger = init_logger("vllm.emo_vllm.slots")
@@ -54,14 +55,6 @@ STAGE_DELAY_ENV = "EMOVLLM_STAGE_DELAY_S"
 KERNEL_INTERNALS = ("MoERunner.routed_experts", "quant_method.moe_kernel.fused_experts",
                     "CPUUnquantizedExperts._pad_moe_intermediate", "CPUUnquantizedExperts.isa",
                     "vllm._custom_ops.cpu_prepack_moe_weight")
-
-
-def slot_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool, *,
-              slot_of: torch.Tensor, resident: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """EMO's routed part in base ids (softmax over the routed logits, top-k, no renormalisation),
-    then each pick moved to its slot; a pick of an expert that is not resident weighs 0."""
-    weights, ids = gating_output.float().softmax(-1).topk(topk, dim=-1)
-    return weights * resident[ids], slot_of[ids]
 
 
 class SlotBlock(Protocol):

@@ -1,7 +1,8 @@
-"""The engine-side routing tallies (emo_vllm.usage.RoutingUsage) against the reference routing,
-driven as the runner and the model drive them, without an engine: the engine path is covered in
-tests/api/test_live_routing.py (float32 engines), so this also builds the tallies the way vLLM builds a
-bfloat16 model (under that default dtype), which those tests cannot reach cheaply."""
+"""The engine-side routing tallies (emo_vllm.usage / routing_ops.RoutingTally) and the per-step
+inputs that key them (emo_vllm.step_inputs), against the reference routing, driven as a runner
+adapter and the model drive them, without an engine: the engine path is covered in
+tests/api/test_live_routing.py (float32 engines), so this also builds the tallies the way vLLM
+builds a bfloat16 model (under that default dtype), which those tests cannot reach cheaply."""
 
 from __future__ import annotations
 
@@ -12,55 +13,63 @@ import pytest
 import torch
 
 from emo_serve import reference
-from emo_serve.default_model import shipped_default_model
 from emo_serve.checkpoint import Checkpoint
+from emo_serve.default_model import shipped_default_model
 from emo_vllm import usage
+from emo_vllm.step_inputs import MODEL_ARG, ROW_ARG, USER_ARG, StepInputs
 
 CFG = Checkpoint(shipped_default_model()).config
 LAYERS = CFG.num_hidden_layers
+MAX_TOKENS = 16
 
 
-def request_state(model: str, user: str = "") -> SimpleNamespace:
-    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={usage.MODEL_ARG: model, usage.USER_ARG: user}))
+def args(model: str, user: str = "", row: int = 0) -> dict:
+    return {MODEL_ARG: model, USER_ARG: user, ROW_ARG: row}
+
+
+def build(max_reqs: int = 4) -> tuple[usage.RoutingUsage, StepInputs, list[SimpleNamespace]]:
+    """The tallies and step inputs as `EmoModel.__init__` builds them (row 1: a subset keeping 8..15)."""
+    u = usage.RoutingUsage(max_tokens=MAX_TOKENS, max_reqs=max_reqs)
+    token_rows = torch.zeros(MAX_TOKENS, dtype=torch.long)
+    blocks = []
+    for layer in range(LAYERS):
+        masks = torch.zeros(4, 16)
+        masks[1, [0, 1, 2, 3, 4, 5, 6, 7]] = float("-inf")
+        block = SimpleNamespace(routing=CFG.layer_routing(layer), subset_masks=masks)
+        u.add_block(layer, block)
+        blocks.append(block)
+    tally = u.build(token_rows)
+    inputs = StepInputs(token_rows=token_rows, installed_rows={1: "sub"}, token_keys=tally.token_keys,
+                        key_index=u.key_index)
+    return u, inputs, blocks
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def tallies(request: pytest.FixtureRequest):
-    dtype = request.param
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # as vLLM does while it builds the model
+    torch.set_default_dtype(request.param)  # as vLLM does while it builds the model
     try:
-        u = usage.RoutingUsage(max_tokens=16)
-        blocks = []
-        for layer in range(LAYERS):
-            masks = torch.zeros(4, 16)
-            masks[1, [0, 1, 2, 3, 4, 5, 6, 7]] = float("-inf")  # row 1: a subset keeping 8..15
-            block = SimpleNamespace(routing=CFG.layer_routing(layer), subset_masks=masks,
-                                    token_rows=torch.zeros(16, dtype=torch.long))
-            u.add_block(layer, block)
-            blocks.append(block)
+        u, inputs, blocks = build()
     finally:
         torch.set_default_dtype(previous)
-    return u, blocks, dtype
+    return u, inputs, blocks, request.param
 
 
-def step(u, blocks, states, token_batch_rows, rows, logits) -> None:
-    """One engine step: the runner fills keys and rows, then each MoE layer captures."""
-    u.fill(states, np.asarray(token_batch_rows))
-    for b in blocks:
-        b.token_rows[: len(rows)] = torch.tensor(rows)
+def step(u, inputs, requests, num_scheduled, logits) -> None:
+    """One engine step: the runner's adapter fills rows and keys, then each MoE layer records."""
+    inputs.fill(requests, np.asarray(num_scheduled))
     for layer, x in enumerate(logits):
-        u.capture(layer, x)
+        u.record(layer, x)
 
 
 def test_tallies_equal_the_reference(tallies) -> None:
-    u, blocks, dtype = tallies
+    u, inputs, blocks, dtype = tallies
     gen = torch.Generator().manual_seed(0)
-    states = [request_state("base", "alice"), request_state("sub")]
+    requests = [args("base", "alice"), args("sub", row=1)]
     seen: dict[str, list[torch.Tensor]] = {"base": [], "sub": []}
-    for _ in range(20):  # more tokens than the buffer holds: it is flushed on the way
+    for _ in range(20):  # more tokens than a step holds: the tallies add up step by step
         logits = [torch.randn(3, 16, generator=gen).to(dtype) for _ in range(LAYERS)]
-        step(u, blocks, states, [0, 0, 1], [0, 0, 1], logits)
+        step(u, inputs, requests, [2, 1], logits)
         seen["base"].append(torch.stack([x[:2].float() for x in logits]))
         seen["sub"].append(torch.stack([x[2:].float() for x in logits]))
     out = {entry["model"]: entry for entry in u.drain()["keys"]}
@@ -83,44 +92,47 @@ def test_tallies_equal_the_reference(tallies) -> None:
     assert u.drain()["keys"] == []  # drained means zeroed
 
 
-def test_a_failing_tally_never_fails_the_step(tallies, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fault injected on purpose (a tally that raises): the buffered tokens are dropped and
-    logged, and the engine's step goes on."""
-    u, blocks, _ = tallies
-    logits = [torch.randn(3, 16) for _ in range(LAYERS)]
-    for _ in range(5):  # 15 of 16 buffered tokens
-        step(u, blocks, [request_state("m")], [0, 0, 0], [0, 0, 0], logits)
-    monkeypatch.setattr(usage.RoutingUsage, "flush", lambda self: 1 / 0)
-    step(u, blocks, [request_state("m")], [0, 0, 0], [0, 0, 0], logits)  # needs a flush: it raises
-    monkeypatch.undo()
-    assert u.pos == 3  # only this step's tokens are buffered
-    assert u.drain()["keys"][0]["tokens"] == [3] * LAYERS
+def test_keys_beyond_the_tallies_places_are_spilled_and_lose_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eleven users, one request each, through tallies with room for 3 keys: the idle keys go to
+    host memory when their place is needed, and the drain adds both up exactly."""
+    monkeypatch.setattr(usage, "SPARE_KEYS", 0)
+    u, inputs, _ = build(max_reqs=2)  # keys 1 and 2 (0 is the trash key)
+    assert u.key_index.capacity == 3
+    logits = [torch.randn(2, 16) for _ in range(LAYERS)]
+    for i in range(11):
+        step(u, inputs, [args("m", f"user-{i % 5}"), args("m", "steady")], [1, 1], logits)
+    out = {entry["user"]: entry for entry in u.drain()["keys"]}
+    assert out["steady"]["tokens"] == [11] * LAYERS
+    assert {user: entry["tokens"][0] for user, entry in out.items() if user != "steady"} == {
+        "user-0": 3, "user-1": 2, "user-2": 2, "user-3": 2, "user-4": 2}
+    once = out["user-1"]["counts"]
+    assert out["user-0"]["counts"] == [[3 * c // 2 for c in layer] for layer in once]  # same logits every step
 
 
-def test_steps_outside_the_runner_are_not_counted(tallies) -> None:
-    """Warm-up and dummy runs call the model without the runner's step: nothing is tallied."""
-    u, blocks, _ = tallies
+def test_a_step_holding_more_keys_than_the_tallies_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(usage, "SPARE_KEYS", 0)
+    u, inputs, _ = build(max_reqs=1)
+    with pytest.raises(RuntimeError, match="more than 1 tally keys"):
+        inputs.fill([args("m", "a"), args("m", "b")], np.array([1, 1]))
+
+
+def test_forwards_nobody_prepared_are_not_counted(tallies) -> None:
+    """Warm-up and dummy runs call the model without a step's inputs: the trash key takes them,
+    also right after a real step (its keys are reset once tallied)."""
+    u, inputs, _, _ = tallies
     for layer in range(LAYERS):
-        u.capture(layer, torch.randn(5, 16))
+        u.record(layer, torch.randn(5, 16))
     assert u.drain()["keys"] == []
+    step(u, inputs, [args("m")], [2], [torch.randn(2, 16) for _ in range(LAYERS)])
+    for layer in range(LAYERS):  # a dummy run after it
+        u.record(layer, torch.randn(4, 16))
+    assert [entry["tokens"][0] for entry in u.drain()["keys"]] == [2]
 
 
-def test_capture_is_a_plain_call_eager_and_the_custom_op_when_compiled(tallies, monkeypatch) -> None:
-    """Engines run eagerly (a plain call, the logits handed on as they are); a model traced by
-    torch.compile keeps the opaque custom op in its graph (a copy comes out), and both tally alike."""
-    u, blocks, dtype = tallies
-    monkeypatch.setattr(usage, "_USAGE", u)
-    gen = torch.Generator().manual_seed(1)
-    logits = [torch.randn(3, 16, generator=gen).to(dtype) for _ in range(LAYERS)]
-    compiled = torch.compile(usage.capture_routing, backend="eager", fullgraph=True, dynamic=False)
-    drained = []
-    for run in (usage.capture_routing, compiled):
-        u.fill([request_state("m", "u")], np.zeros(3, dtype=np.int64))
-        for layer, x in enumerate(logits):
-            out = run(x, layer)
-            assert torch.equal(out, x)
-            assert (out is x) == (run is usage.capture_routing), "eager hands the logits on; the op copies"
-        drained.append(u.drain())
-    eager, traced = drained
-    assert eager["keys"][0]["tokens"] == [3] * LAYERS
-    assert traced == eager
+def test_rows_are_per_token_and_unknown_rows_route_unmasked(tallies) -> None:
+    u, inputs, _, _ = tallies
+    inputs.fill([args("a", row=1), args("b", row=7), args("c")], np.array([2, 3, 1]))
+    assert inputs.rows is not None and inputs.rows.np[:8].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    inputs.fill([args("a", row=1)], np.array([1]), padded=4)  # CUDA-graph padding: row 0, trash key
+    assert inputs.rows.np[:6].tolist() == [1, 0, 0, 0, 0, 0]
+    assert inputs.keys is not None and inputs.keys.np[1:6].tolist() == [0] * 5
