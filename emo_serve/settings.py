@@ -21,6 +21,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .names import NAME_RULES, is_valid_name
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+# vLLM 0.32's own default (`CacheConfig.gpu_memory_utilization`): the share of each GPU's memory
+# that one engine may use; the server's engines split it (`engines.process.gpu_memory_share`).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 
 
 def default_state_dir() -> Path:
@@ -68,11 +71,18 @@ class Settings(BaseSettings):
     allow_insecure_admin: bool = Field(False, description="allow a non-loopback bind with no admin key")
     engine_mode: Literal["auto", "shared", "dedicated"] = Field(
         "auto", description="shared: one vLLM engine serves the base and every subset (per-request expert "
-        "masks; vLLM's V1 CPU runner); dedicated: one engine per model; auto: shared on CPU, dedicated on GPUs")
+        "masks); dedicated: one engine per model; auto: shared (on GPUs too; run `emo-serve doctor` there first)")
     subset_slots: int = Field(64, ge=2, le=4096, description="mask rows of a shared engine, row 0 being the "
                               "unmasked base")
     max_engines: int = Field(2, ge=1, le=64, description="resident vLLM engines, least recently used evicted")
-    kv_cache_gb: float = Field(1.0, gt=0, description="KV cache per engine, GiB")
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="KV cache per engine (per GPU with tensor parallelism), GiB (default: 1 on CPU; "
+        "on GPUs vLLM sizes it from what --gpu-memory-utilization leaves after the weights)")
+    gpu_memory_utilization: float = Field(
+        DEFAULT_GPU_MEMORY_UTILIZATION, gt=0, le=1, description="GPUs only: share of each GPU's memory the "
+        "server's engines use together (vLLM's --gpu-memory-utilization; the default is vLLM's). A shared engine "
+        "gets all of it; dedicated engines split it evenly, each getting this divided by --max-engines (the most "
+        "engines that run at once)")
     serve_base: bool = Field(True, description="also serve the full base model")
     expert_slots: int | None = Field(
         None, ge=1, description="with the base not served (--no-serve-base, shared engine): routed experts "
@@ -165,7 +175,7 @@ class Settings(BaseSettings):
     def _engine_args(cls, v: Any) -> Any:
         return shlex.split(v) if isinstance(v, str) else v
 
-    @field_validator("api_key", "admin_key", mode="before")
+    @field_validator("api_key", "admin_key", "kv_cache_gb", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v

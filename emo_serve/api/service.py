@@ -30,9 +30,9 @@ from ..engines import (
     engine_platform,
 )
 from ..engines.manager import Engine, Probe
-from ..engines.memory import check_base_fits, default_expert_slots
+from ..engines.memory import EngineMemory, check_base_fits, default_expert_slots, engine_memory
 from ..engines.placement import SLOTS_ENGINE, USAGE_CONFIG
-from ..engines.process import EngineProcess
+from ..engines.process import EngineProcess, gpu_memory_share
 from ..engines.slots import LoadPlan, SlotTable, SubsetTooLarge
 from ..errors import Busy, SubsetError, Unavailable
 from ..examples import load_examples
@@ -113,7 +113,8 @@ class EmoService(LiveRouting):
         """Open the base, read stored subsets and register preloaded manifests. Bad configuration
         (unreadable base, bad manifest, too many startup models) raises here, before serving."""
         s = self.settings
-        self.engine_mode = self._engine_mode()  # an impossible mode is refused before serving
+        self.engine_mode = self._engine_mode()
+        self.platform = engine_platform(s.device)
         s.state_dir.mkdir(parents=True, exist_ok=True)
         location = s.model or str(resolve_default_model(s.state_dir))
         self.base = Checkpoint(location)
@@ -130,8 +131,12 @@ class EmoService(LiveRouting):
         if self.engine_mode == "dedicated" and len(self._startup_models) > s.max_engines:
             raise SubsetError(f"{len(self._startup_models)} models to load at start "
                               f"({', '.join(self._startup_models)}) but --max-engines is {s.max_engines}")
-        if s.serve_base and engine_platform(s.device) == "cpu":
-            check_base_fits(self.base, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb)
+        if self.platform == "cuda":
+            log.info("each engine may use %.4g of each GPU's memory: --gpu-memory-utilization %g over up to %d "
+                     "engines at once", self._gpu_share(), s.gpu_memory_utilization, self._engines_at_once(),
+                     extra={"kv_cache_gb": s.kv_cache_gb or "sized by vLLM"})
+        if s.serve_base:
+            check_base_fits(self.base, dtype=s.dtype, memory=self._engine_memory())
         self._base_dir = self._base_model_dir() if s.serve_base else None
         self.expert_slots = self._expert_slots()
         if self.expert_slots is not None:
@@ -145,17 +150,12 @@ class EmoService(LiveRouting):
         if not self._prepared:
             await asyncio.to_thread(self.prepare)
         s = self.settings
-        opts = EngineOptions(logs_dir=s.logs_dir, socket_dir=s.state_dir, kv_cache_gb=s.kv_cache_gb,
-                             tensor_parallel_size=s.tensor_parallel_size, max_model_len=s.max_model_len,
-                             dtype=s.dtype, platform=engine_platform(s.device),
-                             start_timeout=s.engine_start_timeout, extra_args=tuple(s.engine_args),
-                             pass_hub_token=is_hub_location(self.base.location))
-        self.engines = EngineManager(opts, max_engines=s.max_engines, wait_timeout=s.wait_timeout,
+        self.engines = EngineManager(self._engine_options(), max_engines=s.max_engines, wait_timeout=s.wait_timeout,
                                      on_load=self._on_engine_load,
                                      on_crash=lambda m: self.metrics.engine_crashes.labels(m).inc(),
                                      probe=Probe(s.probe_interval, s.probe_timeout, s.probe_misses))
         self.relay_timeouts = RelayTimeouts(s.upstream_read_timeout, s.upstream_idle_timeout, s.client_send_timeout)
-        capture = s.routing_capture and self._capture_supported()
+        capture = s.routing_capture  # every platform: the plugin's V1 runner hook or its V2 ModelState
         engine_config: dict[str, object] = {USAGE_CONFIG: True} if capture else {}
         if self.engine_mode == "shared":  # decided in prepare()
             self.placement = SharedPlacement(self.engines, slots=s.subset_slots, engine_config=engine_config,
@@ -217,24 +217,42 @@ class EmoService(LiveRouting):
         return str(self.registry.materialize(spec))
 
     def _engine_mode(self) -> str:
-        """`shared` or `dedicated`. The shared engine's mask hook is written for vLLM's V1 model
-        runner, which the CPU platform runs; GPUs run Model Runner V2, which it does not hook yet."""
+        """`shared` or `dedicated`; `auto` is shared on every platform. The plugin's masks, routing
+        capture and expert slots reach the model through its hook of vLLM's V1 runner (what the CPU
+        platform runs) and through its Model Runner V2 `ModelState` (what GPUs run); the second has
+        not run on a GPU in this project yet, which the log says once on GPUs."""
         mode, platform = self.settings.engine_mode, engine_platform(self.settings.device)
-        if mode == "auto":
-            return "shared" if platform == "cpu" else "dedicated"
-        if mode == "shared" and platform != "cpu":
-            raise SubsetError(f"--engine-mode shared needs vLLM's V1 CPU runner; this {platform} build "
-                              "runs Model Runner V2: use --engine-mode dedicated (or auto)")
-        return mode
+        if platform == "cuda":
+            log.warning("engines on GPUs run vLLM's Model Runner V2: subset masks, routing capture and expert "
+                        "slots go through the plugin's ModelState there, not yet verified on a GPU by emo-serve; "
+                        "`emo-serve doctor` checks them on this machine")
+        return "shared" if mode == "auto" else mode
 
-    def _capture_supported(self) -> bool:
-        """Routing capture hooks vLLM's V1 model runner, which the CPU platform runs; GPUs run
-        Model Runner V2, which it does not hook yet: there capture is off, said once."""
-        platform = engine_platform(self.settings.device)
-        if platform != "cpu":
-            log.warning("routing capture is off: it needs vLLM's V1 CPU runner, and this %s build runs "
-                        "Model Runner V2", platform)
-        return platform == "cpu"
+    def _engines_at_once(self) -> int:
+        """The most engines the server runs at once, all on the same GPUs: the one shared engine, or
+        up to --max-engines dedicated ones (the manager stops an evicted engine before it starts the
+        next)."""
+        return 1 if self.engine_mode == "shared" else self.settings.max_engines
+
+    def _gpu_share(self) -> float:
+        """Each engine's `--gpu-memory-utilization` on GPUs: the setting split evenly among the
+        engines that may run at once, so that together they never ask for more."""
+        return gpu_memory_share(self.settings.gpu_memory_utilization, self._engines_at_once())
+
+    def _engine_options(self) -> EngineOptions:
+        s = self.settings
+        return EngineOptions(logs_dir=s.logs_dir, socket_dir=s.state_dir, kv_cache_gb=s.kv_cache_gb,
+                             gpu_memory_utilization=self._gpu_share(),
+                             tensor_parallel_size=s.tensor_parallel_size, max_model_len=s.max_model_len,
+                             dtype=s.dtype, platform=self.platform,
+                             start_timeout=s.engine_start_timeout, extra_args=tuple(s.engine_args),
+                             pass_hub_token=is_hub_location(self.base.location))
+
+    def _engine_memory(self) -> EngineMemory:
+        """What one engine may fill: host RAM on CPU, its share of each GPU on GPUs (`engines.memory`)."""
+        s = self.settings
+        return engine_memory(self.platform, kv_cache_gb=s.kv_cache_gb, gpu_memory_utilization=self._gpu_share(),
+                             tensor_parallel_size=s.tensor_parallel_size)
 
     async def _preload_subsets(self) -> None:
         for model in self._startup_models:
@@ -252,7 +270,7 @@ class EmoService(LiveRouting):
             return None
         cfg = self.base.config
         s = self.settings
-        slots = s.expert_slots or default_expert_slots(self.base, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb)
+        slots = s.expert_slots or default_expert_slots(self.base, dtype=s.dtype, memory=self._engine_memory())
         log.info("serving subsets through expert slots", extra={
             "expert_slots": slots, "routed_experts_per_layer": max(cfg.routed_counts()),
             "chosen": "--expert-slots" if self.settings.expert_slots else "from the memory available"})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import math
 import os
 import signal
 import sys
@@ -78,13 +79,36 @@ def engine_platform(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+GIB = 1024**3
+CPU_KV_CACHE_GB = 1.0  # an engine's KV cache on CPU when --kv-cache-gb is not given
+
+
+def kv_cache_bytes(kv_cache_gb: float | None, platform: str) -> int | None:
+    """An engine's `--kv-cache-memory-bytes`: the GiB given, else 1 GiB on CPU (vLLM's CPU worker
+    would otherwise take a share of the host's RAM) and None on GPUs, where vLLM sizes the KV
+    cache from what `--gpu-memory-utilization` leaves after the weights and activations."""
+    if kv_cache_gb is not None:
+        return int(kv_cache_gb * GIB)
+    return int(CPU_KV_CACHE_GB * GIB) if platform == "cpu" else None
+
+
+def gpu_memory_share(utilization: float, engines_at_once: int) -> float:
+    """Each engine's `--gpu-memory-utilization` when up to `engines_at_once` engines share each GPU.
+    vLLM's value is a fraction of the GPU's whole memory for one engine, and each engine checks at
+    start that this much is free (`v1/worker/utils.request_memory`), so the shares must add up to at
+    most `utilization`: rounded down, to 4 decimals."""
+    return math.floor(utilization / engines_at_once * 10_000) / 10_000
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """What every engine is started with (from the server settings)."""
 
     logs_dir: Path
     socket_dir: Path
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float | None = None  # None: the platform's default (`kv_cache_bytes`)
+    # On GPUs: this engine's share of each GPU (`gpu_memory_share`); None: vLLM's default. Not passed on CPU.
+    gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     dtype: str = "auto"
@@ -101,12 +125,20 @@ def engine_command(model_dir: str, model_id: str, socket_path: Path, opts: Engin
     cmd = [sys.executable, "-m", "emo_serve.engines.launch",
            "--model", model_dir, "--served-model-name", model_id, "--uds", str(socket_path),
            "--dtype", opts.dtype, "--tensor-parallel-size", str(opts.tensor_parallel_size),
-           "--kv-cache-memory-bytes", str(int(opts.kv_cache_gb * 1024**3)),
            "--disable-uvicorn-access-log"]
+    kv_bytes = kv_cache_bytes(opts.kv_cache_gb, opts.platform)
+    if kv_bytes is not None:
+        # vLLM then skips its KV sizing and ignores --gpu-memory-utilization for the cache.
+        cmd += ["--kv-cache-memory-bytes", str(kv_bytes)]
+    if opts.platform == "cuda" and opts.gpu_memory_utilization is not None:
+        # Passed even with --kv-cache-memory-bytes: every GPU worker still refuses to start unless
+        # this share of the GPU's memory is free, and vLLM's default (0.92) leaves none for a
+        # second engine.
+        cmd += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
     if opts.max_model_len:
         cmd += ["--max-model-len", str(opts.max_model_len)]
     if opts.platform == "cpu":
-        cmd.append("--enforce-eager")  # torch.compile on CPU costs minutes per start
+        cmd.append("--enforce-eager")  # torch.compile on CPU costs minutes per start; GPUs keep CUDA graphs
     return cmd + list(opts.extra_args)
 
 
