@@ -7,12 +7,11 @@ machine two starts of the same 14B-shape engine differ by +-20 % in decode token
 than the 3 % the capture may cost. Here one vLLM engine (offline `LLM`, the server's settings:
 `--enforce-eager`, the plugin's masks and capture on) decodes the same greedy requests with
 capture switched on and off between requests, ON/OFF pairs in alternating order: off means the
-MoE blocks no longer call the capture op (the forward is eager, so that holds from the next
-step: the same forward as `--no-routing-capture`), the worker's tallies are detached and the
-runner hook's filler is removed. Batch 1 and 16 (16 prompts in one `generate`), `max_tokens`
+MoE blocks no longer record and tally (the forward is eager, so that holds from the next step:
+the same forward as `--no-routing-capture`) and the step inputs no longer write tally keys. Batch 1 and 16 (16 prompts in one `generate`), `max_tokens`
 64, `ignore_eos`. Reported per model and batch: median tokens/s each way and the median of the
 per-pair ON/OFF ratios (target >= 0.97); and the same for the worker's decode step time
-(`execute_model`, which runs the runner hook too), per pair and pooled over every decode step
+(`execute_model`, which runs the step-inputs fill too), per pair and pooled over every decode step
 of each side. On this 2-core VM (vCPUs with steal time) a batch-1 run's tokens/s swings by
 +-20 % from one run to the next; many short pairs, interleaved, and the medians of all their
 steps resolve a few per cent where one long run each way cannot; their 10th percentiles too,
@@ -33,27 +32,25 @@ from typing import Any
 
 
 def switch(worker: Any, on: bool) -> bool:
-    """On the worker: capture on or off (the op in the forward, the tallies, the runner filler)."""
+    """On the worker: capture on or off (the MoE blocks' tally, the step inputs' tally keys)."""
     import emo_vllm.usage as usage
+    from emo_vllm.step_inputs import step_inputs_of
 
-    runner = worker.model_runner
+    inputs = step_inputs_of(worker.model_runner.get_model())
+    assert inputs is not None, "the engine has neither masks nor capture"
     saved = getattr(usage, "_bench_saved", None)
     if saved is None:
-        saved = usage._bench_saved = (usage._USAGE, runner._emo_step_fillers["usage"])
-    tallies, filler = saved
-    usage._USAGE = tallies if on else None
-    for block in tallies.blocks.values():  # eager forward: the op is called or not, step by step
-        block.capture_usage = on
-    if on:
-        runner._emo_step_fillers["usage"] = filler
-    else:
-        runner._emo_step_fillers.pop("usage", None)
+        saved = usage._bench_saved = (usage._USAGE, inputs.keys)
+    tallies, keys = saved
+    for block in tallies.blocks.values():  # eager forward: the tally runs or not, step by step
+        block.routing_usage = tallies if on else None
+    inputs.keys = keys if on else None
     return on
 
 
 def step_times(worker: Any, reset: bool) -> list[float]:
     """On the worker: the wall time of each `execute_model` since the last reset (the timer is
-    installed at the first call). The runner hook's fillers run inside it, so a step's time holds
+    installed at the first call). The step-inputs fill runs inside it, so a step's time holds
     everything capture adds to it, without the engine core's scheduling and IPC around it."""
     runner = worker.model_runner
     times = getattr(runner, "_bench_step_times", None)

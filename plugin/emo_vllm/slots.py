@@ -108,9 +108,30 @@ def fused_kernel(routed: nn.Module) -> Any:
     return impl
 
 
+# Fused-MoE backends of vLLM's unquantized method (`oracle/unquantized.py`) that compute with the
+# checkpoint layout (`convert_to_unquantized_kernel_format` only makes them contiguous).
+CHECKPOINT_LAYOUT_BACKENDS = ("TRITON", "BATCHED_TRITON")
+
+
+def check_layout(routed: nn.Module) -> None:
+    """Fail at attach, naming the kernel, when slots cannot be filled in its layout."""
+    if fused_weights(routed)[0].device.type == "cpu":
+        fused_kernel(routed)
+        return
+    backend = getattr(getattr(routed, "quant_method", None), "unquantized_backend", None)
+    if getattr(backend, "name", None) not in CHECKPOINT_LAYOUT_BACKENDS:
+        raise RuntimeError(f"emo-vllm's expert slots fill GPU experts in the checkpoint layout of vLLM's Triton "
+                           f"fused MoE ({', '.join(CHECKPOINT_LAYOUT_BACKENDS)}); this engine runs {backend}")
+
+
 def runtime_layout(routed: nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Checkpoint-layout experts (`[k, 2I, H]`, `[k, H, I]`) in the layout the layer's kernel
-    computes with: its own padding and prepacking, applied to these experts alone."""
+    computes with: on CPU its own padding and prepacking, applied to these experts alone; on a
+    GPU's Triton kernel the checkpoint layout itself, moved to the device (not yet run on a GPU)."""
+    device = fused_weights(routed)[0].device
+    if device.type != "cpu":
+        check_layout(routed)
+        return w13.to(device), w2.to(device)
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
     impl = fused_kernel(routed)
@@ -213,6 +234,7 @@ def _commit_layer(blocks: dict[int, SlotBlock], layer: int, slots: torch.Tensor,
     """Copy one layer's new experts into their slots and remap; returns the experts evicted."""
     block = blocks[layer]
     w13_slots, w2_slots = fused_weights(routed_experts(block))
+    slots, ids = slots.to(block.slot_of.device), ids.to(block.slot_of.device)
     with torch.no_grad():
         w13_slots.data.index_copy_(0, slots, w13)
         w2_slots.data.index_copy_(0, slots, w2)
@@ -235,7 +257,7 @@ class SlotControl:
         """Slots per layer and which base expert each holds (-1: empty)."""
         blocks = _blocks(self.model_runner.get_model())
         for block in blocks.values():
-            fused_kernel(routed_experts(block))  # fail at attach, not at the first load
+            check_layout(routed_experts(block))  # fail at attach, not at the first load
         return {"slots": next(iter(blocks.values())).num_fused,
                 "layers": {str(i): b.slot_occupant.tolist() for i, b in sorted(blocks.items())}}
 
@@ -291,5 +313,5 @@ def check_pairs(pairs: Sequence[tuple[int, int]]) -> None:
         raise ValueError(f"a slot or an expert appears twice in {list(pairs)}")
 
 
-__all__ = ["KERNEL_INTERNALS", "SLOTS_CONFIG", "SlotControl", "fused_kernel", "routed_experts", "runtime_layout",
-           "slot_topk"]
+__all__ = ["KERNEL_INTERNALS", "SLOTS_CONFIG", "SlotControl", "check_layout", "fused_kernel", "routed_experts",
+           "runtime_layout", "slot_topk"]

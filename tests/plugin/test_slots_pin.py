@@ -53,3 +53,36 @@ def test_routing_to_slots_is_exact_in_base_ids() -> None:
     probs = logits.softmax(-1)[0]
     assert ids.tolist() == [[2, 1, 0]]
     assert torch.allclose(weights, torch.stack([probs[1], probs[3], probs[2] * 0]).unsqueeze(0))
+
+
+def test_gpu_triton_kernels_compute_with_the_checkpoint_layout() -> None:
+    """On a GPU the slots are filled in the checkpoint layout: right for vLLM's Triton fused MoE,
+    whose weight conversion only makes the tensors contiguous. Read from the installed source,
+    since no GPU runs here; other backends (FlashInfer, AITER, ...) reshuffle and are refused."""
+    from vllm.model_executor.layers.fused_moe.oracle import unquantized
+
+    names = {b.name for b in unquantized.UnquantizedMoeBackend}
+    assert set(slots.CHECKPOINT_LAYOUT_BACKENDS) <= names, f"UnquantizedMoeBackend is now {sorted(names)}"
+    body = inspect.getsource(unquantized.convert_to_unquantized_kernel_format)
+    assert body.rstrip().endswith("return w13_weight.contiguous(), w2_weight.contiguous()"), \
+        "convert_to_unquantized_kernel_format no longer leaves Triton's weights in the checkpoint layout"
+
+
+def test_slots_on_an_unsupported_gpu_kernel_are_refused_by_name() -> None:
+    """Weights on the `meta` device stand in for a GPU's (none here): the layout check runs the GPU branch."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    def routed(backend: UnquantizedMoeBackend) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.w13_weight = torch.nn.Parameter(torch.empty(2, 8, 4, device="meta"), requires_grad=False)
+        m.w2_weight = torch.nn.Parameter(torch.empty(2, 4, 4, device="meta"), requires_grad=False)
+        m.quant_method = SimpleNamespace(unquantized_backend=backend)
+        return m
+
+    slots.check_layout(routed(UnquantizedMoeBackend.TRITON))
+    w13, w2 = slots.runtime_layout(routed(UnquantizedMoeBackend.TRITON), torch.ones(1, 8, 4), torch.ones(1, 4, 4))
+    assert w13.device.type == "meta" and w2.shape == (1, 4, 4)
+    with pytest.raises(RuntimeError, match="FLASHINFER_CUTLASS"):
+        slots.check_layout(routed(UnquantizedMoeBackend.FLASHINFER_CUTLASS))
