@@ -78,17 +78,77 @@ def route_batched(logits: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch
 
 
 class _Group:
-    """MoE layers that route alike: tallied as one tensor, one set of ops per group and step."""
+    """MoE layers that route alike: tallied as one tensor, one set of ops per group and step.
+
+    EMO's own routing (one shared expert, the last id: softmax over one logit is 1.0, so it is
+    always chosen with weight 1) is tallied over the routed experts only, its shared column
+    filled in from the token count when read (`one_shared`): half the ops of the general path,
+    which matters on CPU, where a step's tally costs per op, not per token."""
 
     def __init__(self, layers: list[int], routing: Routing, max_tokens: int, keys: int,
-                 device: torch.device | None) -> None:
+                 tables: list[torch.Tensor] | None, device: torch.device | None) -> None:
         self.layers, self.routing = layers, routing
-        e = routing.num_experts
-        # float32 whatever the model's dtype (vLLM builds models under that default dtype).
-        self.logits = torch.zeros(len(layers), max_tokens, e, dtype=torch.float32, device=device)
-        self.routed = torch.tensor(routing.routed_ids, dtype=torch.long, device=device)
-        self.mass = torch.zeros(len(layers), keys, e, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(len(layers), keys, e, dtype=torch.long, device=device)
+        self.one_shared = (routing.num_shared == 1 and not routing.always_active and not routing.norm_topk_prob
+                           and routing.top_k > 1)
+        self.width = routing.num_experts - 1 if self.one_shared else routing.num_experts
+        # Token-major, so that a step's first n tokens are one contiguous block: float32 whatever
+        # the model's dtype (vLLM builds models under that default dtype).
+        self.logits = torch.zeros(max_tokens, len(layers), self.width, dtype=torch.float32, device=device)
+        routed = torch.zeros(routing.num_experts, dtype=torch.float32, device=device)
+        routed[list(routing.routed_ids)] = 1.0
+        self.routed = routed  # 1.0 where a subset may drop the expert (the general path)
+        # float32: exact enough between drains (the front end drains every few seconds).
+        self.mass = torch.zeros(keys, len(layers), self.width, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(keys, len(layers), self.width, dtype=torch.long, device=device)
+        # The layers' mask tables, stacked once ([rows, layers, experts]): each block's table is a
+        # view of its layer here, so a step indexes one tensor instead of stacking them.
+        self.tables = torch.stack(tables, dim=1) if tables is not None else None
+
+    def tally(self, keys: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Add the step's tokens (`keys`, mask `rows`) to mass and counts; with masks, each token's
+        share of routed top-k weight dropped by its row, summed over this group's layers."""
+        n = keys.shape[0]
+        logits = self.logits[:n]  # [n, layers, width]
+        mask = self.tables[rows][..., : self.width] if self.tables is not None and rows is not None else None
+        if self.one_shared:
+            k = self.routing.top_k - 1
+            probs = logits.softmax(-1)
+            self.mass.index_add_(0, keys, probs)
+            share = None
+            if mask is None:
+                picked, hit = logits.topk(k, dim=-1).indices, torch.ones(n, len(self.layers), k, dtype=torch.long,
+                                                                         device=keys.device)
+            else:  # a masked expert's logit is -inf: picked only when fewer than k are kept, with weight 0
+                vals, idx = probs.topk(k, dim=-1)
+                dropped = (mask < 0).gather(-1, idx)  # mask entries are 0 or -inf
+                share = (torch.where(dropped, vals, 0.0).sum(-1) / vals.sum(-1).clamp_min(1e-30)).sum(-1)
+                masked_vals, picked = (logits + mask).topk(k, dim=-1)
+                hit = (masked_vals > float("-inf")).long()
+            self.counts.index_add_(0, keys, torch.zeros_like(self.counts[0]).expand(n, -1, -1)
+                                   .scatter(-1, picked, hit))
+            return share
+        if mask is None:
+            probs, weights = route_batched(logits, self.routing)
+            self.mass.index_add_(0, keys, probs)
+            self.counts.index_add_(0, keys, (weights > 0).long())
+            return None
+        # One routing pass for both: unmasked (mass, drift) and masked (what the experts ran: counts).
+        probs2, weights2 = route_batched(torch.stack([logits, logits + mask]), self.routing)
+        probs, weights = probs2[0], weights2[0]
+        self.mass.index_add_(0, keys, probs)
+        self.counts.index_add_(0, keys, (weights2[1] > 0).long())
+        routed = (weights * self.routed).sum(-1).clamp_min(1e-30)
+        return (torch.where(mask < 0, weights, 0.0).sum(-1) / routed).sum(-1)
+
+    def read(self, idx: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mass and counts of keys `idx` over every expert (host copies), zeroed in place."""
+        mass, counts = self.mass.index_select(0, idx).cpu(), self.counts.index_select(0, idx).cpu()
+        self.mass.index_fill_(0, idx, 0)
+        self.counts.index_fill_(0, idx, 0)
+        if self.one_shared:  # the shared expert: probability 1.0 and chosen, for every token
+            shared = tokens.view(-1, 1, 1).expand(-1, len(self.layers), 1)
+            mass, counts = torch.cat([mass, shared.float()], -1), torch.cat([counts, shared], -1)
+        return mass, counts
 
 
 class RoutingTally:
@@ -117,77 +177,73 @@ class RoutingTally:
             r = routings[layer]
             alike.setdefault((r.num_experts, r.top_k, r.num_shared, tuple(r.always_active), r.norm_topk_prob,
                               tuple(r.routed_ids)), []).append(layer)
-        self.groups = [_Group(ids, routings[ids[0]], max_tokens, keys, device) for ids in alike.values()]
+        self.groups = [_Group(ids, routings[ids[0]], max_tokens, keys,
+                              [mask_tables[i] for i in ids] if mask_tables is not None else None, device)
+                       for ids in alike.values()]
         self._where = {layer: (g, j) for g in self.groups for j, layer in enumerate(g.layers)}
         self.num_layers = len(routings)
         self._last = max(routings)
-        self.mask_tables = dict(mask_tables) if mask_tables is not None else None
-        self.token_rows = token_rows
+        self.token_rows = token_rows if mask_tables is not None else None
         self.token_keys = torch.zeros(max_tokens, dtype=torch.long, device=device)  # filled before each step
         self.tokens = torch.zeros(keys, dtype=torch.long, device=device)  # every layer sees every token once
-        self.outside_sum = torch.zeros(keys, dtype=torch.float64, device=device)
-        self.outside_tokens = torch.zeros(keys, dtype=torch.long, device=device)
+        # Drift, with masks (where every token has a share, so its token count is `tokens`).
+        self.outside_sum = torch.zeros(keys, dtype=torch.float32, device=device)
         self.hist = torch.zeros(keys, len(OUTSIDE_BOUNDS), dtype=torch.long, device=device)
-        self.bounds = torch.tensor(OUTSIDE_BOUNDS[:-1], dtype=torch.float64, device=device)
+        self.bounds = torch.tensor(OUTSIDE_BOUNDS[:-1], dtype=torch.float32, device=device)
 
     @property
     def masked(self) -> bool:
-        return self.mask_tables is not None and self.token_rows is not None
+        return self.token_rows is not None
+
+    def stacked_table(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s mask table as a view of its group's stacked tables: what its block must
+        hold from now on, so that rows written to the block are the rows the tally reads."""
+        group, j = self._where[layer]
+        assert group.tables is not None, "the tally was built without mask tables"
+        return group.tables[:, j]
 
     # -- inside the forward ---------------------------------------------------------------------
     def record(self, layer: int, router_logits: torch.Tensor) -> None:
         """A MoE layer's unmasked router logits for this step; the last layer tallies the step."""
         group, j = self._where[layer]
         n = router_logits.shape[0]
-        group.logits[j, :n].copy_(router_logits)
+        group.logits[:n, j].copy_(router_logits[:, : group.width])
         if layer == self._last:
             self.tally(n)
 
     def tally(self, n: int) -> None:
         keys = self.token_keys[:n]
+        rows = self.token_rows[:n] if self.token_rows is not None else None
         outside: torch.Tensor | None = None
         for group in self.groups:
-            logits = group.logits[:, :n]
-            probs, weights = route_batched(logits, group.routing)
-            chosen = weights
-            if self.masked:
-                assert self.mask_tables is not None and self.token_rows is not None
-                tables = torch.stack([self.mask_tables[layer] for layer in group.layers]).float()
-                mask = tables[:, self.token_rows[:n]]  # [layers, n, experts]
-                chosen = route_batched(logits + mask, group.routing)[1]
-                routed = weights.index_select(-1, group.routed).sum(-1).clamp_min(1e-30)
-                share = ((weights * torch.isinf(mask)).sum(-1) / routed).sum(0).double()
+            share = group.tally(keys, rows)
+            if share is not None:
                 outside = share if outside is None else outside + share
-            group.mass.index_add_(1, keys, probs.double())
-            group.counts.index_add_(1, keys, (chosen > 0).long())
         ones = torch.ones_like(keys)
         self.tokens.index_add_(0, keys, ones)
         if outside is not None:
             mean = outside / self.num_layers
             self.outside_sum.index_add_(0, keys, mean)
-            self.outside_tokens.index_add_(0, keys, ones)
             self.hist.index_put_((keys, torch.bucketize(mean, self.bounds)), ones, accumulate=True)
         keys.zero_()  # TRASH_KEY until the next step's inputs are written
 
     # -- between steps --------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
-        """Every tally buffer (whose first dim past the layers is the key)."""
-        return [t for g in self.groups for t in (g.mass, g.counts)] + [
-            self.tokens, self.outside_sum, self.outside_tokens, self.hist]
+        """Every tally buffer (each indexed by key first)."""
+        return [t for g in self.groups for t in (g.mass, g.counts)] + [self.tokens, self.outside_sum, self.hist]
 
     def take(self, keys: Sequence[int]) -> dict[str, torch.Tensor]:
         """The tallies of `keys` (host copies, keys in the given order), zeroed in place."""
         idx = torch.tensor(list(keys), dtype=torch.long, device=self.tokens.device)
         out: dict[str, torch.Tensor] = {}
+        tokens = self.tokens.index_select(0, idx).cpu()
         for g, group in enumerate(self.groups):
-            out[f"mass{g}"] = group.mass.index_select(1, idx).cpu()
-            out[f"counts{g}"] = group.counts.index_select(1, idx).cpu()
-            group.mass.index_fill_(1, idx, 0)
-            group.counts.index_fill_(1, idx, 0)
-        for name in ("tokens", "outside_sum", "outside_tokens", "hist"):
+            out[f"mass{g}"], out[f"counts{g}"] = group.read(idx, tokens)
+        for name in ("tokens", "outside_sum", "hist"):
             t = getattr(self, name)
             out[name] = t.index_select(0, idx).cpu()
             t.index_fill_(0, idx, 0)
+        out["outside_tokens"] = tokens if self.masked else torch.zeros_like(tokens)
         return out
 
 

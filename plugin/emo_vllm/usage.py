@@ -103,10 +103,14 @@ class RoutingUsage:
     def build(self, token_rows: torch.Tensor | None) -> RoutingTally:
         """The device tallies, once every MoE layer is known (while the model is built, so on
         its device)."""
+        if not self.blocks:
+            raise ValueError("routing capture needs MoE layers, and this model (or pipeline stage) has none")
         tables = {i: b.subset_masks for i, b in self.blocks.items() if b.subset_masks is not None}
         self.tally = RoutingTally({i: b.routing for i, b in self.blocks.items()}, max_tokens=self.max_tokens,
                                   keys=self.key_index.capacity, mask_tables=tables or None,
                                   token_rows=token_rows if tables else None)
+        for layer in tables:  # each block's mask table becomes its row of the tally's stacked tables
+            self.blocks[layer].subset_masks = self.tally.stacked_table(layer)
         return self.tally
 
     # -- inside the forward -------------------------------------------------------------------
@@ -119,7 +123,7 @@ class RoutingUsage:
         assert self.tally is not None
         taken = self.tally.take(indices)
         for k, key in enumerate(keys):
-            mine = {name: t.select(1 if name.startswith(("mass", "counts")) else 0, k) for name, t in taken.items()}
+            mine = {name: t[k] for name, t in taken.items()}
             held = self.spilled.get(key)
             self.spilled[key] = mine if held is None else {name: held[name] + t for name, t in mine.items()}
 
@@ -130,7 +134,7 @@ class RoutingUsage:
         keys = list(self.key_index.of)
         taken = self.tally.take([self.key_index.of[k] for k in keys]) if keys else {}
         self.key_index.reset()
-        per_key = {key: {name: t.select(1 if name.startswith(("mass", "counts")) else 0, k)
+        per_key = {key: {name: t[k]
                          for name, t in taken.items()} for k, key in enumerate(keys)}
         for key, held in self.spilled.items():
             mine = per_key.get(key)
