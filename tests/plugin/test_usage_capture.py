@@ -14,8 +14,10 @@ import torch
 
 from emo_serve import reference
 from emo_serve.checkpoint import Checkpoint
+from emo_serve.config import LayerRouting
 from emo_serve.default_model import shipped_default_model
 from emo_vllm import usage
+from emo_vllm.routing_ops import RoutingTally
 from emo_vllm.step_inputs import MODEL_ARG, ROW_ARG, USER_ARG, StepInputs
 
 CFG = Checkpoint(shipped_default_model()).config
@@ -136,3 +138,40 @@ def test_rows_are_per_token_and_unknown_rows_route_unmasked(tallies) -> None:
     inputs.fill([args("a", row=1)], np.array([1]), padded=4)  # CUDA-graph padding: row 0, trash key
     assert inputs.rows.np[:6].tolist() == [1, 0, 0, 0, 0, 0]
     assert inputs.keys is not None and inputs.keys.np[1:6].tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("routing", [
+    LayerRouting(num_experts=16, num_shared=1, top_k=4, norm_topk_prob=False),  # EMO's: the fast path
+    LayerRouting(num_experts=16, num_shared=2, top_k=5, norm_topk_prob=False),
+    LayerRouting(num_experts=16, num_shared=0, top_k=4, norm_topk_prob=True),
+    LayerRouting(num_experts=16, num_shared=1, top_k=4, norm_topk_prob=False, always_active=(3,)),
+], ids=["one-shared", "two-shared", "plain-renormalised", "always-active"])
+def test_every_routing_kind_tallies_as_the_reference(routing: LayerRouting) -> None:
+    """The tally's routing paths (EMO's one-shared-expert fast path and the general one), masked
+    and unmasked tokens mixed in one step, against `reference.route` token by token."""
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.tensor([0, 1, 2, 1, 0, 2])
+    tables = {}
+    for layer in range(3):
+        t = torch.zeros(3, 16)
+        t[1, routing.routed_ids[:9]] = float("-inf")  # keeps 9 - or fewer than top-k at row 2:
+        t[2, routing.routed_ids[2:]] = float("-inf")
+        tables[layer] = t
+    token_rows = torch.zeros(8, dtype=torch.long)
+    token_rows[:6] = rows
+    tally = RoutingTally({i: routing for i in range(3)}, max_tokens=8, keys=3, mask_tables=tables,
+                         token_rows=token_rows)
+    logits = [torch.randn(6, 16, generator=gen) for _ in range(3)]
+    tally.token_keys[:6] = torch.tensor([1, 2, 2, 1, 1, 2])
+    for layer, x in enumerate(logits):
+        tally.record(layer, x)
+    out = tally.take([1, 2])
+    for k, key in enumerate((1, 2)):
+        mine = (tally.token_keys.new_tensor([1, 2, 2, 1, 1, 2]) == key).nonzero().flatten()
+        for layer in range(3):
+            x = logits[layer][mine]
+            full = reference.route(x, routing)
+            chosen = reference.route(x + tables[layer][rows[mine]], routing)
+            assert torch.allclose(out["mass0"][k, layer], full.probs.sum(0), atol=1e-5)
+            assert out["counts0"][k, layer].tolist() == (chosen.weights > 0).sum(0).tolist()
+        assert int(out["tokens"][k]) == len(mine) == int(out["outside_tokens"][k])
