@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines `register(subparsers)`; its commands set `func` on their parser.
-COMMAND_MODULES = ("demo", "subset", "profile", "eval", "serve")
+COMMAND_MODULES = ("demo", "subset", "profile", "eval", "serve", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
