@@ -93,15 +93,16 @@ def split_softmax_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor,
 
 
 def always_active_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
-                       renormalize: bool, *, always: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """EMO's always-active path: one softmax over all experts; `always` are selected with their
-    softmax weights, plus top-(k - len(always)) of the others; no renormalisation."""
+                       renormalize: bool, *, always: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMO's always-active path: one softmax over all experts; `always` (ids, on the logits'
+    device, made once: no host copy inside a CUDA graph) are selected with their softmax weights,
+    plus top-(k - len(always)) of the others; no renormalisation."""
     probs = gating_output.float().softmax(-1)
-    ids = torch.tensor(always, device=probs.device)
-    other_w, other_ids = probs.index_fill(-1, ids, float("-inf")).topk(topk - len(always), dim=-1)
-    always_w = probs.index_select(-1, ids)
+    n = always.shape[0]
+    other_w, other_ids = probs.index_fill(-1, always, float("-inf")).topk(topk - n, dim=-1)
+    always_w = probs.index_select(-1, always)
     return (torch.cat([other_w, always_w], -1),
-            torch.cat([other_ids, ids.expand(probs.shape[0], len(always))], -1))
+            torch.cat([other_ids, always.expand(probs.shape[0], n)], -1))
 
 
 # -- modules -----------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class EmoSparseMoeBlock(nn.Module):
                                         prefix=f"{prefix}.shared_expert")
             num_experts, top_k = routing.num_routed, routing.routed_top_k
         elif routing.always_active:
-            routing_fn = partial(always_active_topk, always=routing.always_active)
+            routing_fn = self._route_always
         elif routing.num_shared:
             routing_fn = partial(split_softmax_topk, num_shared=routing.num_shared)
         # Expert slots (see slots.py): the fused MoE holds `expert_slots` routed experts, filled
@@ -181,6 +182,8 @@ class EmoSparseMoeBlock(nn.Module):
                                  f"{routing.num_shared} shared experts")
             num_experts = min(expert_slots, routing.num_routed)
             routing_fn = self._route_to_slots
+        self.always_ids: torch.Tensor
+        self.register_buffer("always_ids", torch.tensor(routing.always_active, dtype=torch.long), persistent=False)
         for buffer, value in (("slot_of", torch.zeros(routing.num_routed, dtype=torch.long)),
                               ("slot_resident", torch.zeros(routing.num_routed)),
                               ("slot_occupant", torch.full((num_experts,), -1, dtype=torch.long))):
@@ -216,6 +219,10 @@ class EmoSparseMoeBlock(nn.Module):
                            router_logits=router_logits[:, : self.routing.num_routed if self.fast_shared
                                                        else self.num_fused])
         return out.view(orig_shape)
+
+    def _route_always(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
+                      renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return always_active_topk(hidden_states, gating_output, topk, renormalize, always=self.always_ids)
 
     def _route_to_slots(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
                         renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

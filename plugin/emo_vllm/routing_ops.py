@@ -23,14 +23,18 @@ TRASH_KEY = 0
 
 
 class Routing(Protocol):
-    """What the tensor work reads of a layer's routing (`emo_serve.config.LayerRouting`)."""
+    """What the tensor work reads of a layer's routing (`emo_serve.config.LayerRouting`, frozen)."""
 
-    num_experts: int
-    num_shared: int
-    top_k: int
-    norm_topk_prob: bool
-    always_active: tuple[int, ...]
-
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def num_shared(self) -> int: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def norm_topk_prob(self) -> bool: ...
+    @property
+    def always_active(self) -> tuple[int, ...]: ...
     @property
     def routed_ids(self) -> list[int]: ...
 
@@ -48,13 +52,17 @@ def slot_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: in
     return weights * resident[ids], slot_of[ids]
 
 
-def route_batched(logits: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+def route_batched(logits: torch.Tensor, r: Routing, always: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """`emo_serve.reference.route` over any leading dims ([layers, tokens, experts]): (probs,
     weights), each part of the softmax as the model routes it. A masked (-inf) expert gets
-    probability 0; when fewer than top-k are kept, the extra picks weigh 0."""
+    probability 0; when fewer than top-k are kept, the extra picks weigh 0. `always`: the
+    always-active ids as a tensor on the logits' device, made once (a host-to-device copy cannot
+    run inside a CUDA-graph capture)."""
     if r.always_active:
         probs = logits.softmax(-1)
-        always = torch.tensor(r.always_active, device=logits.device)
+        if always is None:
+            always = torch.tensor(r.always_active, device=logits.device)
         weights = torch.zeros_like(probs)
         if r.top_k > len(r.always_active):
             vals, idx = probs.index_fill(-1, always, float("-inf")).topk(r.top_k - len(r.always_active), dim=-1)
@@ -97,6 +105,7 @@ class _Group:
         routed = torch.zeros(routing.num_experts, dtype=torch.float32, device=device)
         routed[list(routing.routed_ids)] = 1.0
         self.routed = routed  # 1.0 where a subset may drop the expert (the general path)
+        self.always = torch.tensor(routing.always_active, dtype=torch.long, device=device)
         # float32: exact enough between drains (the front end drains every few seconds).
         self.mass = torch.zeros(keys, len(layers), self.width, dtype=torch.float32, device=device)
         self.counts = torch.zeros(keys, len(layers), self.width, dtype=torch.long, device=device)
@@ -128,12 +137,12 @@ class _Group:
                                    .scatter(-1, picked, hit))
             return share
         if mask is None:
-            probs, weights = route_batched(logits, self.routing)
+            probs, weights = route_batched(logits, self.routing, self.always)
             self.mass.index_add_(0, keys, probs)
             self.counts.index_add_(0, keys, (weights > 0).long())
             return None
         # One routing pass for both: unmasked (mass, drift) and masked (what the experts ran: counts).
-        probs2, weights2 = route_batched(torch.stack([logits, logits + mask]), self.routing)
+        probs2, weights2 = route_batched(torch.stack([logits, logits + mask]), self.routing, self.always)
         probs, weights = probs2[0], weights2[0]
         self.mass.index_add_(0, keys, probs)
         self.counts.index_add_(0, keys, (weights2[1] > 0).long())

@@ -59,7 +59,7 @@ def test_two_shared_split_softmax(logits: torch.Tensor) -> None:
 @pytest.mark.parametrize("always", [(0, 5), (7,), (1, 2, 3, 4)])
 def test_always_active(logits: torch.Tensor, always: tuple[int, ...]) -> None:
     r = LayerRouting(16, 1, 4, False, always)
-    fn = partial(always_active_topk, always=always)
+    fn = partial(always_active_topk, always=torch.tensor(always))
     w, ids = vllm_cpu_router(16, r.top_k, renormalize=False, fn=fn)(logits)
     torch.testing.assert_close(dense(w, ids, 16), route(logits, r).weights, rtol=0, atol=1e-6)
 
