@@ -140,3 +140,21 @@ def test_the_model_names_this_state_and_v2_resolves_it(v2) -> None:
 
     assert issubclass(EmoModelState, DefaultModelState)
     assert resolve_model_state_cls(config, EmoForCausalLM.__new__(EmoForCausalLM)) is EmoModelState
+
+
+def test_attach_names_the_runner_and_refuses_a_foreign_model_state(v2, state) -> None:
+    """Which adapter a worker's control call finds. Model Runner V2 cannot run on this CPU (it needs
+    Triton's CPU backend), so the runners are stand-ins holding the real model state: a fake, said so."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    from emo_vllm.step_inputs import attach_step_inputs
+
+    ms, inputs = state
+    model = _Model(inputs)
+    ms.step_inputs = inputs
+    assert attach_step_inputs(SimpleNamespace(get_model=lambda: model, model_state=ms)) == "V2"
+    foreign = DefaultModelState(v2[0], model, None, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="runs DefaultModelState, not emo-vllm's EmoModelState"):
+        attach_step_inputs(SimpleNamespace(get_model=lambda: model, model_state=foreign))
