@@ -52,6 +52,19 @@ def slot_topk(hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: in
     return weights * resident[ids], slot_of[ids]
 
 
+def remap_slots(slot_of: torch.Tensor, resident: torch.Tensor, occupant: torch.Tensor, slots: torch.Tensor,
+                ids: torch.Tensor) -> int:
+    """After experts `ids` were copied into `slots` (between steps): point the base-id -> slot map
+    at them, in place, and mark the experts they replaced as gone. Returns how many were evicted."""
+    old = occupant[slots]
+    old = old[old >= 0]
+    resident[old] = 0.0
+    slot_of[ids] = slots
+    resident[ids] = 1.0
+    occupant[slots] = ids
+    return int(old.numel())
+
+
 def route_batched(logits: torch.Tensor, r: Routing, always: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """`emo_serve.reference.route` over any leading dims ([layers, tokens, experts]): (probs,
@@ -256,4 +269,5 @@ class RoutingTally:
         return out
 
 
-__all__ = ["OUTSIDE_BOUNDS", "TRASH_KEY", "Routing", "RoutingTally", "mask_logits", "route_batched", "slot_topk"]
+__all__ = ["OUTSIDE_BOUNDS", "TRASH_KEY", "Routing", "RoutingTally", "mask_logits", "remap_slots", "route_batched",
+           "slot_topk"]

@@ -41,7 +41,7 @@ from vllm.logger import init_logger
 from emo_serve.checkpoint import Checkpoint
 from emo_serve.stream import plan_experts
 
-from .routing_ops import slot_topk
+from .routing_ops import remap_slots, slot_topk
 from .runner_hook import SUPPORTED_VLLM
 
 logger = init_logger("vllm.emo_vllm.slots")
@@ -238,13 +238,7 @@ def _commit_layer(blocks: dict[int, SlotBlock], layer: int, slots: torch.Tensor,
     with torch.no_grad():
         w13_slots.data.index_copy_(0, slots, w13)
         w2_slots.data.index_copy_(0, slots, w2)
-        old = block.slot_occupant[slots]
-        old = old[old >= 0]
-        block.slot_resident[old] = 0.0
-        block.slot_of[ids] = slots
-        block.slot_resident[ids] = 1.0
-        block.slot_occupant[slots] = ids
-    return int(old.numel())
+        return remap_slots(block.slot_of, block.slot_resident, block.slot_occupant, slots, ids)
 
 
 class SlotControl:

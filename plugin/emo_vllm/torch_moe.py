@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing_ops import OUTSIDE_BOUNDS, RoutingTally, mask_logits, slot_topk
+from .routing_ops import OUTSIDE_BOUNDS, RoutingTally, mask_logits, remap_slots, slot_topk
 
 
 @dataclass  # not frozen: `routing_ops.Routing` declares plain (settable) attributes
@@ -170,7 +170,7 @@ class EmoMoeStack(nn.Module):
 def load_slots(block: EmoMoeBlock, slots: Sequence[int] | torch.Tensor, ids: Sequence[int] | torch.Tensor,
                w13: torch.Tensor, w2: torch.Tensor) -> int:
     """Copy base experts `ids` (weights `w13` [n, 2I, H], `w2` [n, H, I]) into `slots`, in place,
-    and remap, as `slots._commit_layer` does; returns how many experts were evicted."""
+    and remap (`routing_ops.remap_slots`, as `slots._commit_layer` does); returns how many experts were evicted."""
     device = block.slot_of.device
     slots_t = torch.as_tensor(slots, dtype=torch.long, device=device)
     ids_t = torch.as_tensor(ids, dtype=torch.long, device=device)
@@ -179,13 +179,7 @@ def load_slots(block: EmoMoeBlock, slots: Sequence[int] | torch.Tensor, ids: Seq
         raise ValueError(f"slots {slots_t.tolist()} and ids {ids_t.tolist()} must pair up, each once")
     block.w13.index_copy_(0, slots_t, w13.to(device=device, dtype=block.w13.dtype))
     block.w2.index_copy_(0, slots_t, w2.to(device=device, dtype=block.w2.dtype))
-    old = block.slot_occupant[slots_t]
-    old = old[old >= 0]
-    block.slot_resident[old] = 0.0
-    block.slot_of[ids_t] = slots_t
-    block.slot_resident[ids_t] = 1.0
-    block.slot_occupant[slots_t] = ids_t
-    return int(old.numel())
+    return remap_slots(block.slot_of, block.slot_resident, block.slot_occupant, slots_t, ids_t)
 
 
 @torch.no_grad()
