@@ -132,14 +132,10 @@ class RoutingUsage:
         assert self.tally is not None
         layers = sorted(self.blocks)
         keys = list(self.key_index.of)
-        taken = self.tally.take([self.key_index.of[k] for k in keys]) if keys else {}
+        if keys:  # every key on the device joins the spilled ones: one place to add them up
+            self._spill(keys, [self.key_index.of[k] for k in keys])
         self.key_index.reset()
-        per_key = {key: {name: t[k]
-                         for name, t in taken.items()} for k, key in enumerate(keys)}
-        for key, held in self.spilled.items():
-            mine = per_key.get(key)
-            per_key[key] = held if mine is None else {name: held[name] + t for name, t in mine.items()}
-        self.spilled = {}
+        per_key, self.spilled = self.spilled, {}
         out: list[dict[str, Any]] = []
         for (model, user), t in per_key.items():
             tokens = int(t["tokens"])
