@@ -138,7 +138,7 @@ def test_every_service_that_starts_vllm_has_enough_shared_memory(compose: dict[s
     """vLLM's CPU engine needs ~160 MiB of /dev/shm at start; a container gets 64 MiB by default,
     and with it the engine died at start and /ready stayed 503 (seen with the real CPU image)."""
     servers = {name: svc for name, svc in compose["services"].items() if "emo-serve" in svc.get("image", "")}
-    assert servers.keys() == {"emo-serve", "emo-serve-cpu"}
+    assert servers.keys() == {"emo-serve", "emo-serve-cpu", "emo-serve-fleet-a", "emo-serve-fleet-b"}
     for name, svc in servers.items():
         assert "shm_size" in svc, f"{name}: no shm_size"
         assert shm_bytes(svc["shm_size"]) >= 512 * 1024**2, f"{name}: shm_size {svc['shm_size']}"
