@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from deploy_helpers import COMPOSE_FILE, K8S_BASE, K8S_PER_TASK, kustomize, load_yaml
+from deploy_helpers import COMPOSE_FILE, K8S_BASE, K8S_FLEET, K8S_PER_TASK, kustomize, load_yaml
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,11 @@ def base_resources() -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def per_task_resources() -> list[dict[str, Any]]:
     return kustomize(K8S_PER_TASK)
+
+
+@pytest.fixture(scope="session")
+def fleet_resources() -> list[dict[str, Any]]:
+    return kustomize(K8S_FLEET)
 
 
 @pytest.fixture(scope="session")

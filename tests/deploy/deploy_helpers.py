@@ -26,6 +26,8 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DEPLOY = REPO / "deploy"
 K8S_BASE = DEPLOY / "kubernetes" / "base"
 K8S_PER_TASK = DEPLOY / "kubernetes" / "overlays" / "per-task-subset"
+K8S_FLEET = DEPLOY / "kubernetes" / "overlays" / "fleet"
+ROUTER_DOCKERFILE = DEPLOY / "router" / "Dockerfile"
 DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
 
 EMO_VARIABLE = re.compile(r"\bEMO_[A-Z0-9_]*[A-Z0-9]\b")
@@ -107,10 +109,11 @@ def by_kind(resources: Sequence[dict[str, Any]], kind: str) -> dict[str, dict[st
 
 
 def pod_env(deployment: dict[str, Any], config_maps: Mapping[str, dict[str, Any]],
-            secrets: Mapping[str, str]) -> dict[str, str]:
+            secrets: Mapping[str, str], fields: Mapping[str, str] | None = None) -> dict[str, str]:
     """The EMO_* (and other) variables the Deployment's container starts with: its ConfigMap
     `envFrom`s, then its `env` entries; a Secret key reads `secrets[key]` (absent optional keys
-    are skipped, as Kubernetes does)."""
+    are skipped, as Kubernetes does), a downward-API field reads `fields[fieldPath]`
+    (`metadata.name`: the pod's name)."""
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
@@ -118,6 +121,9 @@ def pod_env(deployment: dict[str, Any], config_maps: Mapping[str, dict[str, Any]
     for entry in container.get("env", []):
         if "value" in entry:
             env[entry["name"]] = entry["value"]
+            continue
+        if "fieldRef" in entry["valueFrom"]:
+            env[entry["name"]] = (fields or {})[entry["valueFrom"]["fieldRef"]["fieldPath"]]
             continue
         ref = entry["valueFrom"]["secretKeyRef"]
         if ref["key"] in secrets:
