@@ -123,12 +123,16 @@ class Scores(BaseModel):
             text = Path(path).read_bytes()  # pydantic reports bad UTF-8 as it does bad JSON
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read scores ({exc.strerror})") from None
+        return cls.parse(text, source=os.fspath(path))
+
+    @classmethod
+    def parse(cls, text: str | bytes, *, source: str) -> Scores:
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
             details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'scores'}: {e['msg']}"
                                 for e in exc.errors())
-            raise ProfileError(f"{path}: not a scores file ({details})") from None
+            raise ProfileError(f"{source}: not a scores file ({details})") from None
 
 
 def _short(sizes: list[int] | None) -> str:

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     state_dir: Path = Field(default_factory=default_state_dir, description="subsets, demo model and engine "
                             "logs (default: $XDG_DATA_HOME/emo-serve)")
+    store: SecretStr | None = Field(
+        None, description="where subsets, profiling scores, job states and routing counters live: the state dir "
+        "(default) or a PostgreSQL URL, postgresql://user:password@host:5432/db, that a fleet of replicas shares")
+    replica_id: str | None = Field(None, description="this replica's name in a shared store (its routing "
+                                   "counters are kept under it; default: the host name and port)")
     api_key: SecretStr | None = Field(None, description="bearer key for /v1/*")
     admin_key: SecretStr | None = Field(None, description="bearer key for subset changes; defaults to the API key")
     allow_insecure_admin: bool = Field(False, description="allow a non-loopback bind with no admin key")
@@ -141,6 +146,9 @@ class Settings(BaseSettings):
                                          "model's routing counters to the state dir (each write holds all its "
                                          "users; all are written at shutdown, a server killed outright loses at "
                                          "most this much)", json_schema_extra=_TUNING)
+    store_poll_interval: float = Field(1.0, gt=0, le=60, description="seconds between reads of a shared "
+                                       "store's subsets (creates and deletes made on other replicas)",
+                                       json_schema_extra=_TUNING)
     # Supervision and timeouts (a hung engine or a client that stops reading must not hold a slot).
     probe_interval: float = Field(10.0, gt=0, description="seconds between health probes of each ready engine",
                                   json_schema_extra=_TUNING)
@@ -179,6 +187,23 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_url(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if raw in (None, "", "local"):
+            return None
+        if not isinstance(raw, str) or not raw.startswith(("postgresql://", "postgres://")):
+            raise ValueError("the store is `local` or a PostgreSQL URL (postgresql://user:password@host:5432/db)")
+        return raw
+
+    @field_validator("replica_id")
+    @classmethod
+    def _replica_id(cls, v: str | None) -> str | None:
+        if v is not None and not is_valid_name(v):
+            raise ValueError(f"{v!r}: a replica id is {NAME_RULES}")
+        return v
 
     @field_validator("served_model_name")
     @classmethod

@@ -1,10 +1,12 @@
-"""The subset store of a running server: manifests in `<state-dir>/subsets/<name>.json` (written
-atomically), a materialized manifest directory per subset for its engine, and the in-memory state
-of each subset (`profiling`, `ready` or `failed`; `loading`/`loaded` come from the engines).
+"""The subsets a running server knows: a record per subset (`profiling`, `ready` or `failed`;
+`loading`/`loaded` come from the engines), a materialized manifest directory per subset for its
+engine, and the catalog that keeps them (`catalog`: the state dir, or a PostgreSQL database a fleet
+of replicas shares).
 
-A restarted server reads the manifests back, so its subsets survive with no profiling redone.
-The store only touches files and records: making a subset from examples is `selection`'s job,
-and running that in the background is the API's (`api/jobs.py`).
+A restarted server reads the catalog back, so its subsets survive with no profiling redone; a
+replica of a fleet also takes in what the others made (`api/catalogue_sync.py`). The store only
+touches files, records and the catalog: making a subset from examples is `selection`'s job, and
+running that in the background is the API's (`api/jobs.py`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from .catalog import Catalog, DirectoryCatalog, Entry, NameTaken, SubsetNotFound, new_token
+from .catalog.directory import child_path
 from .checkpoint import Checkpoint
-from .errors import Conflict, EmoServeError, NotFound, SubsetError
+from .errors import EmoServeError, SubsetError
 from .export import materialize_subset
 from .files import fsync_dir, sweep_temporaries, temporary_path
-from .names import is_valid_name, validate_name
+from .names import validate_name
 from .stream import subset_sizes
 from .subset import MANIFEST_FILE, SubsetSpec
 
 log = logging.getLogger(__name__)
+
+__all__ = ["NameTaken", "STATE_DIRS", "SubsetNotFound", "SubsetRecord", "SubsetState", "SubsetStore"]
 
 MANIFEST_SUFFIX = ".json"
 # Every directory of the state dir that the server writes through temporaries (`files`): subsets'
@@ -47,18 +53,6 @@ class SubsetState(str, Enum):
     FAILED = "failed"
 
 
-class SubsetNotFound(NotFound):
-    """No subset of that name."""
-
-    code, default_param = "subset_not_found", "name"
-
-
-class NameTaken(Conflict):
-    """The name belongs to the base or to another subset."""
-
-    code, default_param = "name_taken", "name"
-
-
 @dataclass
 class SubsetRecord:
     name: str
@@ -70,18 +64,25 @@ class SubsetRecord:
     job: dict[str, Any] | None = None  # what profiling was asked for (while profiling / if failed)
     model_dir: Path | None = None
     profile_seconds: float | None = None
+    token: str = field(default_factory=new_token)  # which creation of the name (see `catalog.base`)
+    # Made by this server and not yet in the catalog (a claim under way): a shared catalog's
+    # listing without it does not mean it was deleted.
+    pending: bool = False
+    # Being made by this server (claimed, profiling, publishing): the store's poll leaves it to
+    # the job, which may find the catalog's row ahead of the record.
+    local: bool = False
 
 
 class SubsetStore:
-    """Subsets of one base checkpoint, persisted under the server's state dir."""
+    """Subsets of one base checkpoint: records and materialized dirs here, manifests in the catalog."""
 
-    def __init__(self, base: Checkpoint, base_id: str, state_dir: Path) -> None:
+    def __init__(self, base: Checkpoint, base_id: str, state_dir: Path, catalog: Catalog | None = None) -> None:
         self.base, self.base_id = base, base_id
+        self.catalog = catalog or DirectoryCatalog(state_dir)
         self.subsets_dir = state_dir / "subsets"
         self.materialized_dir = state_dir / "materialized"
-        self.usage_dir = state_dir / "usage"  # routing counters per model (api/routing.py)
-        self.scores_dir = state_dir / "scores"  # the profiling scores a subset was chosen by
-        self.subsets_dir.mkdir(parents=True, exist_ok=True)
+        self.usage_dir = state_dir / "usage"  # routing counters per model, when the catalog is the state dir
+        self.scores_dir = state_dir / "scores"  # the profiling scores a subset was chosen by, likewise
         self.materialized_dir.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, SubsetRecord] = {}
         self._sweep(state_dir)
@@ -96,26 +97,19 @@ class SubsetStore:
                     log.info("removed a temporary file left by an interrupted write", extra={"path": str(leftover)})
 
     # -- paths (names cannot escape the state dir) ---------------------------------------------
-    def _child(self, parent: Path, name: str, suffix: str = "") -> Path:
-        validate_name(name)
-        path = parent / f"{name}{suffix}"
-        if path.is_symlink() or path.resolve().parent != parent.resolve():
-            raise SubsetError(f"subset {name!r}: {path} is a symlink or leaves the state directory")
-        return path
-
     def manifest_path(self, name: str) -> Path:
-        return self._child(self.subsets_dir, name, MANIFEST_SUFFIX)
+        return child_path(self.subsets_dir, name, MANIFEST_SUFFIX)
 
     def model_dir(self, name: str) -> Path:
-        return self._child(self.materialized_dir, name)
+        return child_path(self.materialized_dir, name)
 
     def scores_path(self, name: str) -> Path:
         """The scores a subset was chosen by (`emo-scores/v1`), when one profiling run chose it."""
-        return self._child(self.scores_dir, name, MANIFEST_SUFFIX)
+        return child_path(self.scores_dir, name, MANIFEST_SUFFIX)
 
     def usage_path(self, name: str) -> Path:
         """The routing counters of a subset (or of the base), kept beside its manifest."""
-        return self._child(self.usage_dir, name, MANIFEST_SUFFIX)
+        return child_path(self.usage_dir, name, MANIFEST_SUFFIX)
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, name: str) -> SubsetRecord:
@@ -125,30 +119,39 @@ class SubsetStore:
         return record
 
     def load_existing(self) -> list[SubsetRecord]:
-        """Register every manifest in the state dir; one that no longer fits the base is listed
-        as failed (with why) rather than dropped, so nothing disappears silently."""
-        for path in sorted(self.subsets_dir.glob(f"*{MANIFEST_SUFFIX}")):
-            name = path.name[: -len(MANIFEST_SUFFIX)]
-            if not is_valid_name(name):
-                log.warning("ignoring a file with an invalid subset name", extra={"path": str(path)})
-                continue
-            try:
-                self.manifest_path(name)
-                spec = SubsetSpec.load(path)
-                if spec.name != name:
-                    raise SubsetError(f"{path}: holds subset {spec.name!r}, not {name!r}")
-                self.records[name] = self.build(spec, save=False)
-            except (EmoServeError, OSError, ValueError) as exc:
-                # One bad file (not UTF-8, unreadable, a full disk while materializing) must not
-                # stop the server: the subset is listed as failed, with why.
-                error = str(exc) if isinstance(exc, EmoServeError) else f"{path.name}: {type(exc).__name__}: {exc}"
-                log.warning("stored subset not usable", extra={"subset": name, "error": error})
-                self.records[name] = SubsetRecord(name, SubsetState.FAILED, error=error)
+        """Register every subset the catalog keeps; one that no longer fits the base is listed as
+        failed (with why) rather than dropped, so nothing disappears silently."""
+        self.catalog.fail_own_jobs()
+        for entry in self.catalog.entries():
+            self.records[entry.name] = self.from_entry(entry)
         return list(self.records.values())
+
+    def from_entry(self, entry: Entry) -> SubsetRecord:
+        """A record for what the catalog keeps under a name (materialized if ready: runs on a
+        thread at start-up and when another replica made it)."""
+        name = entry.name
+        if entry.state == "profiling":
+            return SubsetRecord(name, SubsetState.PROFILING, job=entry.job, token=entry.token)
+        if entry.state != "ready" or entry.manifest is None:
+            return SubsetRecord(name, SubsetState.FAILED, error=entry.error, job=entry.job, token=entry.token)
+        try:
+            spec = SubsetSpec.parse(entry.manifest, source=entry.source)
+            if spec.name != name:
+                raise SubsetError(f"{entry.source}: holds subset {spec.name!r}, not {name!r}")
+            record = self.build(spec, save=False)
+        except (EmoServeError, OSError, ValueError) as exc:
+            # One bad manifest (not UTF-8, unreadable, a full disk while materializing) must not
+            # stop the server: the subset is listed as failed, with why.
+            error = str(exc) if isinstance(exc, EmoServeError) else f"{entry.source}: {type(exc).__name__}: {exc}"
+            log.warning("stored subset not usable", extra={"subset": name, "error": error})
+            return SubsetRecord(name, SubsetState.FAILED, error=error, token=entry.token)
+        record.token = entry.token
+        return record
 
     # -- creating ------------------------------------------------------------------------------
     def reserve(self, name: str) -> None:
-        """Raise unless `name` is a valid, free subset name."""
+        """Raise unless `name` is a valid name that this server does not know (a shared catalog
+        may still know it: `claim` asks it)."""
         validate_name(name)
         if name == self.base_id or name in self.records:
             raise NameTaken(f"the name `{name}` is already taken by "
@@ -163,19 +166,35 @@ class SubsetStore:
 
     def adopt(self, spec: SubsetSpec) -> SubsetRecord:
         """Like `add`, but a stored subset with the same name and experts is reused (preloading
-        the same manifest at every start)."""
+        the same manifest at every start, or on every replica of a fleet)."""
         existing = self.records.get(spec.name)
         if existing is not None and existing.spec is not None and existing.spec.experts == spec.experts:
             return existing
         if existing is not None and existing.state is SubsetState.FAILED:
             self.remove(spec.name)
-        return self.add(spec)
+        try:
+            return self.add(spec)
+        except NameTaken:  # another replica preloaded it just now
+            entry = self.catalog.get(spec.name)
+            if entry is None:
+                raise
+            record = self.from_entry(entry)
+            if record.spec is None or record.spec.experts != spec.experts:
+                raise
+            self.records[spec.name] = record
+            return record
 
     def begin(self, name: str, job: dict[str, Any]) -> SubsetRecord:
-        """Register `name` as profiling (`job`: what was asked for); `complete` or `fail` ends it."""
+        """Register `name` as profiling (`job`: what was asked for); `claim` holds it in a shared
+        catalog, then `publish` or `mark_failed` ends it."""
         self.reserve(name)
-        record = self.records[name] = SubsetRecord(name, SubsetState.PROFILING, job=job)
+        record = self.records[name] = SubsetRecord(name, SubsetState.PROFILING, job=job, pending=True, local=True)
         return record
+
+    def claim(self, record: SubsetRecord) -> None:
+        """Hold the name of a `begin`-registered record in the catalog (409 if another replica
+        holds it; 503 if the catalog is down). The caller drops the record on failure."""
+        self.catalog.claim(record.name, record.token, record.job or {})
 
     def is_current(self, record: SubsetRecord) -> bool:
         """Whether `record` is still registered (a subset deleted while profiling is not)."""
@@ -184,7 +203,7 @@ class SubsetStore:
     def complete(self, record: SubsetRecord, built: SubsetRecord) -> None:
         """Make a profiling `record` ready with what `build` returned for its spec."""
         record.state, record.spec, record.sizes = SubsetState.READY, built.spec, built.sizes
-        record.model_dir, record.created = built.model_dir, built.created
+        record.model_dir, record.created, record.local = built.model_dir, built.created, False
 
     def discard(self, record: SubsetRecord) -> None:
         """Forget a record that never completed (its files were never committed)."""
@@ -192,13 +211,13 @@ class SubsetStore:
             del self.records[record.name]
 
     def fail(self, record: SubsetRecord, error: str) -> None:
-        record.state, record.error = SubsetState.FAILED, error
+        record.state, record.error, record.local = SubsetState.FAILED, error, False
 
     def build(self, spec: SubsetSpec, *, save: bool, model_dir: Path | None = None) -> SubsetRecord:
         """Check `spec` against the base, materialize it (into `model_dir` if given) and then,
-        if asked, save its manifest: a subset is persisted only once everything it needs is
-        written, so a failed write never comes back as a ready subset after a restart. Touches
-        only files (no record), so it may run on a worker thread."""
+        if asked, keep its manifest in the catalog: a subset is kept only once everything it
+        needs is written, so a failed write never comes back as a ready subset after a restart.
+        Touches only files and the catalog (no record), so it may run on a worker thread."""
         spec.check_against(self.base)
         # The engine reads the base from the manifest: point it at the base this server checked.
         spec = spec.model_copy(update={"base": spec.base.model_copy(update={"location": self.base.location})})
@@ -207,7 +226,7 @@ class SubsetStore:
                              model_dir=self.materialize(spec, model_dir))
         if save:
             try:
-                spec.save(self.manifest_path(spec.name))
+                self.catalog.put(spec.name, built.token, spec.to_json() + "\n")
             except BaseException:  # no manifest: the materialized dir would be an orphan
                 if built.model_dir is not None:
                     shutil.rmtree(built.model_dir, ignore_errors=True)
@@ -218,19 +237,17 @@ class SubsetStore:
         """A private place for a background job to materialize `name` before it commits."""
         return temporary_path(self.model_dir(name), uuid.uuid4().hex[:12])
 
-    def commit(self, record: SubsetRecord, built: SubsetRecord) -> None:
-        """Make a profiling `record` ready with what `build` staged for it: the staged dir
-        becomes the subset's, then the manifest is saved. Runs on the event loop, where it
-        cannot interleave with a delete or a re-create of the same name (a few renames)."""
+    def stage(self, record: SubsetRecord, built: SubsetRecord) -> None:
+        """The first half of making a profiling `record` ready: what `build` staged for it becomes
+        its materialized dir. The catalog's `publish` of its manifest follows (`api/catalogue`),
+        then `complete`."""
         assert built.spec is not None and built.model_dir is not None
         target = self.model_dir(record.name)
         if target.exists():
             shutil.rmtree(target)
         built.model_dir.rename(target)
         fsync_dir(target.parent)
-        built.spec.save(self.manifest_path(record.name))
         built.model_dir = target
-        self.complete(record, built)
 
     def materialize(self, spec: SubsetSpec, target: Path | None = None) -> Path:
         """The weightless model dir the engine loads; reused if it already holds this spec."""
@@ -244,17 +261,25 @@ class SubsetStore:
             shutil.rmtree(target)
         return materialize_subset(self.base, spec, target)
 
+    def scores(self, name: str) -> str | bytes | None:
+        """The scores `name` was chosen by (their JSON), None when none are kept."""
+        return self.catalog.scores(name)
+
+    def scores_source(self, name: str) -> str:
+        """Where `scores` came from, for error messages."""
+        return f"scores of `{name}` in the store" if self.catalog.shared else str(self.scores_path(name))
+
     # -- deleting ------------------------------------------------------------------------------
     def remove(self, name: str) -> None:
-        """Forget `name` and delete its files (a profiling job's result is then discarded)."""
+        """Forget `name` and delete it from the catalog (a profiling job's result is then discarded)."""
         self.get(name)
-        del self.records[name]
-        self.delete_files(name)
+        self.catalog.delete(name)
+        self.forget(name)
 
-    def delete_files(self, name: str) -> None:
-        self.manifest_path(name).unlink(missing_ok=True)
-        self.usage_path(name).unlink(missing_ok=True)
-        self.scores_path(name).unlink(missing_ok=True)
+    def forget(self, name: str) -> None:
+        """Drop this server's record and files of `name` (the catalog is someone else's business:
+        another replica deleted it, or `delete` did)."""
+        self.records.pop(name, None)
         target = self.model_dir(name)
         if target.exists():
             shutil.rmtree(target)

@@ -287,10 +287,22 @@ class UsageBook:
         return snap
 
     def load(self, model: str, path: Path, *, identity: str | None = None) -> None:
-        """Read one model's routing back. Refused: a file from another base shape, or (given
-        `identity`) one of another life of the model; a file from before identities is read."""
+        """`loads` of a file."""
         try:
-            doc = json.loads(Path(path).read_bytes())
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{os.fspath(path)}: unreadable routing counters ({exc})") from None
+        self.loads(model, data, source=os.fspath(path), identity=identity)
+
+    def loads(self, model: str, data: str | bytes, *, source: str, identity: str | None = None) -> None:
+        """Read one model's routing back. Refused: counters from another base shape, or (given
+        `identity`) of another life of the model; a document from before identities is read."""
+        self.models[model] = self.parse(model, data, source=source, identity=identity)
+
+    def parse(self, model: str, data: str | bytes, *, source: str, identity: str | None = None) -> ModelUsage:
+        """One model's routing from its document (`UsageEncoder`'s), not yet in the book."""
+        try:
+            doc = json.loads(data)
             if doc.get("format") != USAGE_FORMAT or doc.get("experts_per_layer") != self.experts_per_layer:
                 raise ValueError(f"not {USAGE_FORMAT} for this base")
             stored = doc.get("identity")
@@ -304,13 +316,45 @@ class UsageBook:
                 Tally.from_json(others, shape) if others else None,
                 deque((float(b["start"]), Tally.from_json(b["tally"], shape)) for b in doc.get("buckets", [])),
                 since=float(doc.get("since", 0.0)), identity=identity if identity is not None else stored or "")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{os.fspath(path)}: unreadable routing counters ({exc})") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{source}: unreadable routing counters ({exc})") from None
         self._evict(usage)  # a smaller --routing-max-users than when it was written
-        self.models[model] = usage
+        return usage
 
     def dirty(self) -> Iterable[str]:
         return [m for m, u in self.models.items() if u.dirty]
+
+
+def aligned_buckets(series: Iterable[Iterable[tuple[float, Tally]]], size: float) -> list[tuple[float, Tally]]:
+    """Several replicas' time buckets summed on one grid of `size`-second buckets (each replica
+    starts its buckets when its first tokens came), oldest first; the inputs are not changed."""
+    grid: dict[float, Tally] = {}
+    for buckets in series:
+        for start, tally in buckets:
+            key = start - start % size
+            if key in grid:
+                grid[key].add(tally)
+            else:
+                grid[key] = tally.copy()
+    return sorted(grid.items(), key=lambda item: item[0])
+
+
+def merge_usage(into: ModelUsage, other: ModelUsage, size: float) -> None:
+    """Add another replica's routing of the same model into `into` (the fleet's sum): totals, users
+    and the users beyond the cap add up, buckets on one grid (`aligned_buckets`)."""
+    into.total.add(other.total)
+    for user, tally in other.users.items():
+        if user in into.users:
+            into.users[user].add(tally)
+        else:
+            into.users[user] = tally.copy()
+    if other.others is not None:
+        if into.others is None:
+            into.others = other.others.copy()
+        else:
+            into.others.add(other.others)
+    into.buckets = deque(aligned_buckets([into.buckets, other.buckets], size))
+    into.since = min(into.since, other.since) if into.since else other.since
 
 
 class UsageEncoder:

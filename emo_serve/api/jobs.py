@@ -21,11 +21,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 from ..errors import Busy, EmoServeError
 from ..examples import Example
 from ..selection import SelectionRequest, build_subset
 from ..store import SubsetRecord, SubsetState, SubsetStore
+from . import catalogue
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ class ProfilingJobs:
         """Profiling runs queued or running, in the worker or in a live engine."""
         return len(self._tasks) + self._live
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
+        """Raise Busy (429) unless a job may start now."""
         if self.in_flight >= self.max_jobs:
             raise Busy(f"{self.in_flight} profiling jobs are queued or running, the limit is {self.max_jobs}; "
                        "retry later", param="examples")
@@ -60,20 +63,28 @@ class ProfilingJobs:
     def live(self) -> Iterator[None]:
         """Hold one of the `max_jobs` places while examples are scored in a live engine: those
         runs load the engine every completion needs, so they count like queued jobs (429 beyond)."""
-        self._admit()
+        self.admit()
         self._live += 1
         try:
             yield
         finally:
             self._live -= 1
 
+    @staticmethod
+    def describe(examples: Sequence[Example], request: SelectionRequest) -> dict[str, Any]:
+        """What a job was asked for, as its subset shows it while profiling (and if it failed)."""
+        return {"method": request.method, **request.describe(), "examples": len(examples),
+                "example_fingerprints": [e.fingerprint for e in examples]}
+
     def start(self, name: str, examples: Sequence[Example], request: SelectionRequest,
-              on_done: OnDone | None = None, on_seconds: OnSeconds | None = None) -> SubsetRecord:
-        """Register `name` as profiling and profile the examples on the worker thread."""
-        self._admit()
-        record = self.store.begin(name, {"method": request.method, **request.describe(),
-                                         "examples": len(examples),
-                                         "example_fingerprints": [e.fingerprint for e in examples]})
+              on_done: OnDone | None = None, on_seconds: OnSeconds | None = None, *,
+              record: SubsetRecord | None = None) -> SubsetRecord:
+        """Register `name` as profiling (or take `record`, registered and claimed by the caller)
+        and profile the examples on the worker thread."""
+        self.admit()
+        if record is None:
+            record = self.store.begin(name, self.describe(examples, request))
+            record.pending = False  # nothing to claim: the caller keeps the catalog's state itself
         task = asyncio.create_task(self._run(record, list(examples), request, on_done, on_seconds))
         self._tasks[name] = task
         task.add_done_callback(lambda t: self._tasks.pop(name, None) if self._tasks.get(name) is t else None)
@@ -103,17 +114,16 @@ class ProfilingJobs:
                     None, lambda: store.build(selected.spec, save=False, model_dir=staging))
                 if not store.is_current(record):  # deleted while writing: only our own files go
                     return
-                store.commit(record, built)
-                if selected.scores is not None:
-                    await loop.run_in_executor(None, selected.scores.save, store.scores_path(record.name))
+                scores = selected.scores.to_json() + "\n" if selected.scores is not None else None
+                await catalogue.publish(store, record, built, scores)
             finally:
                 if staging.exists():
                     await loop.run_in_executor(None, lambda: shutil.rmtree(staging, ignore_errors=True))
         except (EmoServeError, ValueError) as exc:
-            store.fail(record, str(exc))
+            await self._failed(record, str(exc))
         except Exception as exc:  # a bug or an I/O failure: keep serving, report it on the subset
             log.exception("profiling failed", extra={"subset": record.name})
-            store.fail(record, f"internal error while profiling: {exc!r}")
+            await self._failed(record, f"internal error while profiling: {exc!r}")
         record.profile_seconds = round(time.monotonic() - t0, 3)
         log.info("profiling finished", extra={"subset": record.name, "state": record.state.value,
                                               "seconds": record.profile_seconds, "error": record.error})
@@ -121,6 +131,13 @@ class ProfilingJobs:
             on_seconds(request.method, record.profile_seconds)
         if on_done and store.is_current(record):
             await on_done(record)
+
+    async def _failed(self, record: SubsetRecord, error: str) -> None:
+        try:
+            await catalogue.mark_failed(self.store, record, error)
+        except EmoServeError as exc:  # the shared store is down: the failure shows on this replica
+            log.warning("could not keep a profiling failure in the store", extra={"subset": record.name,
+                                                                                 "error": str(exc)})
 
     def close(self) -> None:
         for task in self._tasks.values():

@@ -8,13 +8,14 @@ holds one job: service.py the models, subsets and engines, this file what captur
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from ..checkpoint import Checkpoint
 from ..engines import EngineState, Placement, SharedPlacement, UnknownModel
 from ..engines.manager import Engine
 from ..engines.placement import BASE_SALT
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound, Unavailable
 from ..examples import Example
 from ..plot import Heatmap
 from ..profiler import Scores
@@ -28,6 +29,8 @@ from . import live_scores
 from .jobs import ProfilingJobs
 from .protocol import Drift, DriftPoint, FromTraffic, LayerRoutingStats, ModelRouting, SubsetCreate
 from .routing import Incarnation, RoutingCollector
+
+log = logging.getLogger(__name__)
 
 # A read of one subset collects the engines' counts first when the last collection is older than
 # this: its drift is fresh right after a burst, yet a client polling in a loop drains the engines
@@ -161,7 +164,8 @@ class LiveRouting:
             raise InvalidInput(f"{field.rstrip('.') + ': ' if field else ''}give `window` or `user`, not both "
                                "(users are counted over all time)", param=f"{field}window")
         await collector.collect()
-        tally = collector.book.tally(model, window=window, user=user, now=time.time())
+        await self.pull_fleet()
+        tally = collector.tally(model, window=window, user=user, now=time.time())
         if user is not None and tally.seen == 0:
             raise NotEnoughTraffic(f"no traffic from user {user!r} to `{model}` has been observed (of the "
                                    f"users seen, the {self.settings.routing_max_users} most recent are kept by name)",
@@ -178,15 +182,26 @@ class LiveRouting:
         return "full" if isinstance(self.placement, SharedPlacement) else "none"
 
     async def fresh_routing(self) -> None:
-        """Collect the engines' counts unless the last collection is under `FRESH_SECONDS` old."""
+        """Collect the engines' counts unless the last collection is under `FRESH_SECONDS` old
+        (and the other replicas' saved counts, with a shared store)."""
         if self.routing is not None:
             await self.routing.refresh(max_age=FRESH_SECONDS, wait=FRESH_WAIT_SECONDS)
+            await self.pull_fleet()
+
+    async def pull_fleet(self) -> None:
+        """The other replicas' counts from a shared store (at most once per `FRESH_SECONDS`); a
+        store that is down leaves the last ones."""
+        if self.routing is not None:
+            try:
+                await self.routing.pull([self.base_id, *self.registry.records], max_age=FRESH_SECONDS)
+            except Unavailable as exc:
+                log.warning("could not read the other replicas' routing counters", extra={"error": str(exc)})
 
     def drift(self, name: str, window: float | None = None) -> Drift | None:
         """As of the last collection (`collected_at`; `fresh_routing` first for a fresh one)."""
         if self.routing is None:
             return None
-        tally = self.routing.book.tally(name, window=window, now=time.time())
+        tally = self.routing.tally(name, window=window, now=time.time())
         router = self._router(name)
         return Drift(mass_outside=tally.drift if router != "none" else None, tokens=tally.seen, window=window,
                      router=router, collected_at=self.routing.collected_at)
@@ -203,15 +218,14 @@ class LiveRouting:
     async def routing_of(self, model: str, *, window: float | None, user: str | None) -> tuple[ModelRouting, Tally]:
         kind, kept = self._routing_model(model)
         window, tally = await self._observed(model, window, user)
-        book = self._routing_on().book
+        collector = self._routing_on()
         means = tally.scores("usage")
         layers = [LayerRoutingStats(layer=i, tokens=int(tally.tokens[i]), counts=tally.counts[i].tolist(),
                                     mass=means[i], kept=kept[i] if kept else None)
                   for i in range(len(tally.tokens))]
-        usage = book.models.get(model)
         drift = self.drift(model, window) if kind == "subset" else None
-        series = [DriftPoint(start=start, mass_outside=t.drift, tokens=t.seen) for start, t in book.series(model)]
-        return ModelRouting(model=model, kind=kind, window=window, user=user, since=usage.since if usage else None,
+        series = [DriftPoint(start=start, mass_outside=t.drift, tokens=t.seen) for start, t in collector.series(model)]
+        return ModelRouting(model=model, kind=kind, window=window, user=user, since=collector.since(model),
                             tokens=tally.seen, layers=layers, drift=drift, drift_series=series), tally
 
     async def routing_heatmap(self, model: str, *, window: float | None, user: str | None) -> Heatmap:

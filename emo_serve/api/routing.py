@@ -9,8 +9,9 @@ Engines count under a key naming the model *and its incarnation* (`usage.usage_k
 deleted with counts still in an engine and made again under its name does not inherit them, as
 only the key of the incarnation that exists now is booked.
 
-Changed models are written back atomically beside the subsets (`<state-dir>/usage/<model>.json`),
-so a restart keeps what was learnt: at most once per `--routing-save-interval` per model (a
+Changed models are written back to the catalog (atomically beside the subsets,
+`<state-dir>/usage/<model>.json`, or as this replica's row in a shared store), so a restart keeps
+what was learnt: at most once per `--routing-save-interval` per model (a
 model's file holds all its users and buckets) and everything at shutdown. The event loop only
 copies what changed; encoding and writing run on a thread. An engine that crashed loses at most
 one interval of counts, a front end killed outright at most one save interval.
@@ -21,18 +22,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import aiohttp
 
+from ..catalog import Catalog, DirectoryCatalog
 from ..engines import EngineManager, EngineState
 from ..engines.manager import Engine
 from ..engines.placement import Placement
 from ..engines.process import EngineProcess, EngineStartError
-from ..files import atomic_write_text
-from ..usage import PROFILE_KEY_PREFIX, Tally, UsageBook, UsageEncoder, UsageSnapshot, from_engine, key_model
+from ..errors import Unavailable
+from ..usage import (
+    PROFILE_KEY_PREFIX,
+    ModelUsage,
+    Tally,
+    UsageBook,
+    UsageEncoder,
+    UsageSnapshot,
+    aligned_buckets,
+    from_engine,
+    key_model,
+    merge_usage,
+)
 
 log = logging.getLogger(__name__)
 _RPC_ERRORS = (EngineStartError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError)
@@ -49,11 +62,11 @@ class Incarnation(NamedTuple):
 
 class RoutingCollector:
     def __init__(self, book: UsageBook, manager: EngineManager, placement: Placement, *, interval: float,
-                 save_interval: float, path_of: Callable[[str], Path],
+                 save_interval: float, catalog: Catalog,
                  incarnation: Callable[[str], Incarnation | None]) -> None:
         self.book, self.manager, self.placement = book, manager, placement
         self.interval, self.save_interval = interval, save_interval
-        self._path_of, self._incarnation = path_of, incarnation
+        self._catalog, self._incarnation = catalog, incarnation
         self.attached: set[str] = set()  # engine ids whose runner counts
         self.profiles: dict[str, Tally] = {}  # engine-side profiling runs, by key
         self.collected_at: float | None = None  # when the last collection drained the engines (epoch s)
@@ -63,6 +76,12 @@ class RoutingCollector:
         self._encoder = UsageEncoder()
         self._writer: asyncio.Task | None = None  # the last save's thread (it outlives a cancelled pass)
         self._refreshes: set[asyncio.Task] = set()  # collections that reads stopped waiting for
+        # The other replicas' counts, summed, as a shared store last gave them (`pull`); reads add
+        # them to this replica's own book.
+        self.fleet = UsageBook(book.experts_per_layer, retention=book.retention, bucket=book.bucket,
+                               max_users=book.max_users)
+        self.pulled_at: float | None = None
+        self._pull_lock = asyncio.Lock()
 
     async def attach(self, engine: Engine, proc: EngineProcess) -> None:
         """Before an engine is marked ready: hook its runner so its steps are counted."""
@@ -149,14 +168,65 @@ class RoutingCollector:
                 tally = from_engine(entry, data["layers"], data["bounds"], self.book.experts_per_layer, local_ids)
                 self.book.add(model, user, tally, now, identity=current.identity)
 
+    # -- the fleet -------------------------------------------------------------------------------
+    async def pull(self, models: list[str], *, max_age: float) -> None:
+        """Read what the other replicas sharing the store saved for `models` (each saves every
+        --routing-save-interval), unless the last pull is under `max_age` seconds old. Nothing to
+        read when the store is the state dir."""
+        if not self._catalog.shared:
+            return
+        async with self._pull_lock:
+            if self.pulled_at is not None and time.monotonic() - self.pulled_at <= max_age:
+                return
+            wanted = [(m, current.identity) for m in models if (current := self._incarnation(m)) is not None]
+            self.fleet.models = await asyncio.to_thread(self._read_others, wanted)
+            self.pulled_at = time.monotonic()
+
+    def _read_others(self, wanted: list[tuple[str, str]]) -> dict[str, ModelUsage]:
+        out: dict[str, ModelUsage] = {}
+        for model, identity in wanted:
+            for data in self._catalog.other_counters(model):
+                try:  # another life of the model (a replica that has not seen it deleted yet) is refused
+                    usage = self.fleet.parse(model, data, source=self._where(model), identity=identity)
+                except ValueError as exc:
+                    log.debug("skipping another replica's routing counters", extra={"error": str(exc)})
+                    continue
+                if model in out:
+                    merge_usage(out[model], usage, self.book.bucket)
+                else:
+                    usage.buckets = deque(aligned_buckets([usage.buckets], self.book.bucket))
+                    out[model] = usage
+        return out
+
+    def tally(self, model: str, *, window: float | None = None, user: str | None = None, now: float) -> Tally:
+        """`model`'s routing over the fleet: this replica's book plus the others' last pulled."""
+        own = self.book.tally(model, window=window, user=user, now=now)
+        if model not in self.fleet.models:
+            return own
+        out = own.copy()
+        out.add(self.fleet.tally(model, window=window, user=user, now=now))
+        return out
+
+    def series(self, model: str) -> list[tuple[float, Tally]]:
+        """`model`'s time buckets over the fleet (one grid for every replica's)."""
+        if model not in self.fleet.models:
+            return self.book.series(model)
+        return aligned_buckets([self.book.series(model), self.fleet.series(model)], self.book.bucket)
+
+    def since(self, model: str) -> float | None:
+        """Since when `model`'s routing is counted (the earliest replica's start)."""
+        starts = [u.since for u in (self.book.models.get(model), self.fleet.models.get(model)) if u is not None]
+        return min(starts) if starts else None
+
     # -- persistence -------------------------------------------------------------------------------
     def load(self, models: list[str]) -> None:
         for model in models:
-            path, current = self._path_of(model), self._incarnation(model)
-            if not path.exists() or current is None:
+            current = self._incarnation(model)
+            data = self._catalog.read_counters(model) if current is not None else None
+            if data is None or current is None:
                 continue
             try:
-                self.book.load(model, path, identity=current.identity)
+                self.book.loads(model, data, source=self._where(model), identity=current.identity)
             except ValueError as exc:  # a bad file costs its counters, not the server's start
                 log.warning("ignoring routing counters", extra={"model": model, "error": str(exc)})
 
@@ -175,12 +245,17 @@ class RoutingCollector:
         self._writer = asyncio.create_task(asyncio.to_thread(self._write, [self.book.snapshot(m) for m in due]))
         await asyncio.shield(self._writer)
 
+    def _where(self, model: str) -> str:
+        """Where `model`'s counters are kept, for error messages."""
+        if isinstance(self._catalog, DirectoryCatalog):
+            return str(self._catalog.usage_path(model))
+        return f"routing counters of `{model}` in the store"
+
     def _write(self, snaps: list[UsageSnapshot]) -> None:
         for i, snap in enumerate(snaps):
-            path = self._path_of(snap.model)
             try:
-                atomic_write_text(path, self._encoder.encode(snap))
-            except OSError as exc:
+                self._catalog.write_counters(snap.model, self._encoder.encode(snap))
+            except (OSError, Unavailable) as exc:
                 snap.usage.dirty = snap.usage.full = True  # whole again at the next save
                 log.warning("could not write routing counters", extra={"model": snap.model, "error": str(exc)})
                 continue
@@ -191,10 +266,14 @@ class RoutingCollector:
             # Forgotten (deleted) while this was written: its rename must not bring the file back.
             # `forget` drops the record before it unlinks, so one of the two unlinks comes last.
             if self.book.models.get(snap.model) is not snap.usage:
-                path.unlink(missing_ok=True)
+                self._catalog.forget_counters(snap.model)
         self._encoder.keep(list(self.book.models))
 
     def forget(self, model: str) -> None:
         self.book.forget(model)
+        self.fleet.forget(model)
         self._saved.pop(model, None)
-        self._path_of(model).unlink(missing_ok=True)
+        try:
+            self._catalog.forget_counters(model)  # one row or file: quick even in a database
+        except Unavailable as exc:  # the deleting replica removed every replica's rows already
+            log.warning("could not remove routing counters", extra={"model": model, "error": str(exc)})

@@ -10,12 +10,14 @@ import asyncio
 import gc
 import logging
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
+from ..catalog import open_catalog
 from ..checkpoint import Checkpoint
 from ..default_model import DEFAULT_MODEL_ID, resolve_default_model
 from ..engines import (
@@ -45,6 +47,8 @@ from ..settings import Settings, derive_model_id
 from ..store import SubsetNotFound, SubsetRecord, SubsetState, SubsetStore
 from ..subset import SubsetSpec, make_subset
 from ..usage import UsageBook
+from . import catalogue
+from .catalogue import CatalogueSync
 from .jobs import ProfilingJobs
 from .live_routing import LiveRouting
 from .protocol import (
@@ -107,6 +111,15 @@ class EmoService(LiveRouting):
         self._prepared = False
         self._base_dir: str | None = None
         self._preloading: asyncio.Task | None = None
+        self.catalogue_sync: CatalogueSync | None = None
+        # Held while this replica's subsets change by a delete or by the store's poll, so that one
+        # never undoes the other halfway.
+        self.catalogue_lock = asyncio.Lock()
+
+    @property
+    def replica_id(self) -> str:
+        """This server's name among the replicas sharing a store (its routing counters' rows)."""
+        return self.settings.replica_id or f"{socket.gethostname()}-{self.settings.port}"
 
     # -- life cycle ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -121,7 +134,9 @@ class EmoService(LiveRouting):
         self.base_id = s.served_model_name or (DEFAULT_MODEL_ID if s.model is None else derive_model_id(location))
         cfg = self.base.config
         self.max_model_len = min(s.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.registry = SubsetStore(self.base, self.base_id, s.state_dir)
+        catalog = open_catalog(s.store.get_secret_value() if s.store else None, state_dir=s.state_dir,
+                               base=self.base.fingerprint, replica=self.replica_id)
+        self.registry = SubsetStore(self.base, self.base_id, s.state_dir, catalog)
         self.jobs = ProfilingJobs(self.registry, max_jobs=s.max_profiling_jobs)
         self.registry.load_existing()
         preloads = [SubsetSpec.load(p) for p in s.preload_subsets]
@@ -167,7 +182,7 @@ class EmoService(LiveRouting):
                              bucket=max(10.0, s.routing_interval), max_users=s.routing_max_users)
             self.routing = RoutingCollector(book, self.engines, self.placement, interval=s.routing_interval,
                                             save_interval=s.routing_save_interval,
-                                            path_of=self.registry.usage_path, incarnation=self._incarnation)
+                                            catalog=self.registry.catalog, incarnation=self._incarnation)
             await asyncio.to_thread(self.routing.load, [self.base_id, *self.registry.records])
             self.metrics.routing_source(lambda: [(m, u.total) for m, u in book.models.items()])
             self.routing.start()
@@ -197,6 +212,9 @@ class EmoService(LiveRouting):
             # Preloaded subsets get their mask rows (and experts) as soon as the engine is up, so
             # that /ready means their first request is served at once.
             self._preloading = asyncio.create_task(self._preload_subsets())
+        if self.registry.catalog.shared:
+            self.catalogue_sync = CatalogueSync(self, interval=s.store_poll_interval)
+            self.catalogue_sync.start()
         # Start-up objects (torch, tokenizers, pydantic schemas) never die: move them out of the
         # collector's reach, or every full collection walks them again (measured: a third of the
         # front end's CPU per request went to the GC).
@@ -311,12 +329,16 @@ class EmoService(LiveRouting):
     async def stop(self) -> None:
         if self._preloading is not None:
             self._preloading.cancel()
+        if self.catalogue_sync is not None:
+            await self.catalogue_sync.stop()
         if hasattr(self, "jobs"):
             self.jobs.close()
         if self.routing is not None:
             await self.routing.stop()
         if hasattr(self, "engines"):
             await self.engines.shutdown(self.settings.drain_timeout)
+        if hasattr(self, "registry"):
+            self.registry.catalog.close()
 
     def kill_engines(self) -> None:
         """Synchronous last resort at interpreter exit: SIGKILL any engine still running."""
@@ -354,6 +376,13 @@ class EmoService(LiveRouting):
         return Version(version=__version__, vllm=vllm, base=self.base_id, base_fingerprint=self.base.fingerprint)
 
     # -- models --------------------------------------------------------------------------------
+    async def resolve_model(self, model: str) -> str:
+        """`resolve`, after asking a shared store for a subset this replica has not seen yet (made
+        on another replica since the last poll)."""
+        if self.catalogue_sync is not None and model != self.base_id and model not in self.registry.records:
+            await self.catalogue_sync.fetch(model)
+        return self.resolve(model)
+
     def resolve(self, model: str) -> str:
         """The engine id serving `model`, or a typed error (unknown 404, not servable 503)."""
         record = self.registry.records.get(model)
@@ -488,9 +517,24 @@ class EmoService(LiveRouting):
         async def done(record: SubsetRecord) -> None:
             await self._subset_ready(record, load=load)
 
-        self.jobs.start(req.name, examples, request, on_done=done,
-                        on_seconds=lambda m, sec: self.metrics.profiling.labels(m).observe(sec))
+        self.jobs.admit()
+        record = self.registry.begin(req.name, ProfilingJobs.describe(examples, request))
+        await catalogue.claim(self.registry, record)  # 409: another replica holds the name; 503: store down
+        try:
+            self.jobs.start(req.name, examples, request, on_done=done, record=record,
+                            on_seconds=lambda m, sec: self.metrics.profiling.labels(m).observe(sec))
+        except BaseException:
+            await self._abandon(record)
+            raise
         return False, self.subset(req.name)
+
+    async def _abandon(self, record: SubsetRecord) -> None:
+        """Drop a subset that was never made, and its claim in the store (which a database that is
+        down keeps: its replica's heartbeat then fails it)."""
+        try:
+            await catalogue.abandon(self.registry, record)
+        except Unavailable as exc:
+            log.warning("could not release a claim in the store", extra={"subset": record.name, "error": str(exc)})
 
     def _selection(self, req: SubsetCreate) -> SelectionRequest:
         s = self.settings
@@ -508,14 +552,13 @@ class EmoService(LiveRouting):
         record = self.registry.begin(spec.name, {"examples": 0, "example_fingerprints": [], **job})
         staging = self.registry.staging_dir(spec.name)
         try:
+            await catalogue.claim(self.registry, record)  # 409 when another replica holds the name
             built = await asyncio.to_thread(self.registry.build, spec, save=False, model_dir=staging)
             if not self.registry.is_current(record):
                 raise SubsetNotFound(f"the subset `{spec.name}` was deleted while it was being created")
-            self.registry.commit(record, built)
-            if scores is not None:
-                await asyncio.to_thread(scores.save, self.registry.scores_path(spec.name))
+            await catalogue.publish(self.registry, record, built, scores.to_json() + "\n" if scores else None)
         except BaseException:
-            self.registry.discard(record)
+            await self._abandon(record)
             raise
         finally:
             if staging.exists():
@@ -523,13 +566,12 @@ class EmoService(LiveRouting):
         return record
 
     def subset_scores(self, name: str) -> Scores | None:
-        """The scores a subset was chosen by, if one profiling run (or traffic) chose it."""
+        """The scores a subset was chosen by, if one profiling run (or traffic) chose it; reads the
+        catalog (a database, perhaps): call it off the event loop."""
         self.registry.get(name)
-        path = self.registry.scores_path(name)
-        if not path.exists():
-            return None
         try:
-            return Scores.load(path)
+            text = self.registry.scores(name)
+            return Scores.parse(text, source=self.registry.scores_source(name)) if text is not None else None
         except ProfileError as exc:  # damaged on disk: the subset itself is fine
             log.warning("unreadable scores", extra={"subset": name, "error": str(exc)})
             return None
@@ -573,6 +615,10 @@ class EmoService(LiveRouting):
         return Heatmap(scores=scores.scores if scores else None, kept=record.spec.experts, shared=shared,
                        title=f"{name}: {what}", experts_per_layer=cfg.experts_per_layer)
 
+    async def subset_ready(self, record: SubsetRecord) -> None:
+        """Serve a subset another replica made (its mask row; its experts load on first request)."""
+        await self._subset_ready(record, load=False)
+
     async def _subset_ready(self, record: SubsetRecord, *, load: bool) -> None:
         if record.state is not SubsetState.READY:
             return
@@ -589,11 +635,22 @@ class EmoService(LiveRouting):
                 log.warning("could not load subset", extra={"subset": record.name, "error": str(exc)})
 
     async def delete_subset(self, name: str, *, force: bool) -> None:
-        self.registry.get(name)
+        """Delete `name` everywhere: the store first (a database that is down refuses it with a 503
+        and nothing changes), then this replica's job, mask row or engine, files and counters;
+        other replicas see it gone at their next poll of a shared store."""
+        async with self.catalogue_lock:
+            self.registry.get(name)
+            if self.placement.placed(name):
+                self.placement.check_removable(name, force=force)
+            await catalogue.call(self.registry, self.registry.catalog.delete, name)
+            await self.forget_subset(name, force=force)
+
+    async def forget_subset(self, name: str, *, force: bool = True) -> None:
+        """Drop this replica's side of a subset the store no longer keeps."""
         self.jobs.cancel(name)  # a queued job never starts; a running one's result is dropped
         if self.placement.placed(name):
             await self.placement.remove(name, force=force)
-        self.registry.remove(name)
+        self.registry.forget(name)
         if self.routing is not None:
             self.routing.forget(name)
 

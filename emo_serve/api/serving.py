@@ -66,7 +66,7 @@ class OpenAIServing:
 
 
 async def _resolve(service: EmoService, model: str) -> str:
-    return service.resolve(model)
+    return await service.resolve_model(model)
 
 
 async def _recorded(recorder: Recorder, step: Awaitable[T]) -> T:

@@ -108,6 +108,10 @@ class Placement(ABC):
     def leases_of(self, model: str) -> list[Lease]:
         return [lease for e in self.manager.engines.values() for lease in e.leases if lease.model == model]
 
+    def check_removable(self, model: str, *, force: bool) -> None:
+        """Raise what `remove` would for a model in use (409), before anything else is changed."""
+        self._refuse_busy(model, force)
+
     def _refuse_busy(self, model: str, force: bool) -> None:
         """409 while `model` has requests in flight, unless forced (then they are ended)."""
         leases = self.leases_of(model)

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from emo_serve.api import routing
 from emo_serve.api.routing import Incarnation, RoutingCollector
+from emo_serve.catalog import DirectoryCatalog
 from emo_serve.engines import EngineState
 from emo_serve.usage import Tally, UsageBook, UsageEncoder, usage_key
 
@@ -66,7 +66,7 @@ def collector(engine: Engine, models: Models, state: Path, *, save_interval: flo
     manager = SimpleNamespace(get=lambda engine_id: engine)
     placement = SimpleNamespace(local_ids=lambda engine_id: None)
     out = RoutingCollector(UsageBook(SHAPE), manager, placement, interval=3600, save_interval=save_interval,  # type: ignore[arg-type]
-                           path_of=lambda m: state / f"{m}.json", incarnation=models.now.get)
+                           catalog=DirectoryCatalog(state), incarnation=models.now.get)
     out.attached.add("engine")
     return out
 
@@ -94,7 +94,7 @@ def test_a_recreated_subset_books_only_its_own_tokens(engine: Engine, tmp_path: 
     c = asyncio.run(scenario())
     assert seen(c, "s") == 2 and seen(c, "s", "newtenant") == 2 and seen(c, "s", "oldtenant") == 0
     assert c.book.models["s"].identity == "s-2" and set(c.book.models) == {"s"}
-    assert json.loads((tmp_path / "s.json").read_text())["identity"] == "s-2"
+    assert json.loads((tmp_path / "usage" / "s.json").read_text())["identity"] == "s-2"
 
 
 def test_a_file_of_an_earlier_incarnation_is_not_loaded(engine: Engine, tmp_path: Path) -> None:
@@ -117,17 +117,17 @@ def test_a_delete_during_a_write_leaves_no_file(engine: Engine, tmp_path: Path,
     come back when the write's rename lands."""
     c = collector(engine, Models(s="1"), tmp_path)
     writing, deleted = threading.Event(), threading.Event()
-    real = routing.atomic_write_text
+    real = DirectoryCatalog.write_counters
 
-    def slow_write(path: Path, text: str) -> None:
+    def slow_write(self: DirectoryCatalog, model: str, text: str) -> None:
         writing.set()
         assert deleted.wait(10)
-        real(path, text)
+        real(self, model, text)
 
     async def scenario() -> None:
         engine.pending = [entry(usage_key("s", "1"), "u", 1)]
         await c.collect()
-        monkeypatch.setattr(routing, "atomic_write_text", slow_write)
+        monkeypatch.setattr(DirectoryCatalog, "write_counters", slow_write)
         save = asyncio.create_task(c.save())
         assert await asyncio.to_thread(writing.wait, 10)
         c.forget("s")
@@ -135,7 +135,7 @@ def test_a_delete_during_a_write_leaves_no_file(engine: Engine, tmp_path: Path,
         await save
 
     asyncio.run(scenario())
-    assert not (tmp_path / "s.json").exists()
+    assert not (tmp_path / "usage" / "s.json").exists()
 
 
 def test_saves_are_rate_limited_and_serialised_off_the_event_loop(engine: Engine, tmp_path: Path,
@@ -154,7 +154,7 @@ def test_saves_are_rate_limited_and_serialised_off_the_event_loop(engine: Engine
     monkeypatch.setattr(UsageEncoder, "encode", watch("encode", UsageEncoder.encode))
     monkeypatch.setattr(Tally, "to_json", watch("to_json", Tally.to_json))
     c = collector(engine, Models(base="b"), tmp_path, save_interval=60)
-    path = tmp_path / "base.json"
+    path = tmp_path / "usage" / "base.json"
 
     def saved_tokens() -> list[int]:
         return json.loads(path.read_text())["total"]["tokens"]

@@ -3,6 +3,7 @@ unload. Mutations need the admin key."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
@@ -63,7 +64,7 @@ async def subset_scores(request: Request, name: str, service: Service,
     """The scores the subset's experts were chosen by (profiler, live engine or traffic)."""
     if format == "png":
         return await heatmap_response(request, await service.subset_scores_heatmap(name), service.heatmaps)
-    scores = service.subset_scores(name)
+    scores = await asyncio.to_thread(service.subset_scores, name)
     if scores is None:
         raise ScoresNotFound(service.scores_absent(name))
     return Response(scores.to_json(), media_type="application/json")

@@ -42,8 +42,8 @@ def drift_points(series: list[tuple[float, float | None]], width: int = 480, hei
 def page(service: EmoService) -> str:
     models = service.models().data
     subsets = service.subsets()
-    book = service.routing.book if service.routing is not None else None
-    drift = {s.id: drift_points([(start, t.drift) for start, t in book.series(s.id)]) if book else None
+    routing = service.routing
+    drift = {s.id: drift_points([(start, t.drift) for start, t in routing.series(s.id)]) if routing else None
              for s in subsets}
     version = service.version()
     table = getattr(service.placement, "expert_slots", None)
@@ -57,6 +57,7 @@ def page(service: EmoService) -> str:
 @router.get("/ui", response_class=HTMLResponse, dependencies=[PageKey])
 async def ui(service: Service) -> HTMLResponse:
     """As of the last collection of the routing counters (the page refreshes itself)."""
+    await service.pull_fleet()  # the other replicas' saved counts, with a shared store
     return HTMLResponse(page(service), headers={"Cache-Control": "no-store"})
 
 
