@@ -445,7 +445,7 @@ def test_router_hashes_the_session_header_not_the_model(live_router: tuple[str, 
     """docs/deployment.md, measured: with --policy consistent_hash, requests that carry the same
     X-Session-ID reach the same replica whatever their body, and different values spread over
     the replicas; chat requests without such a header all hash the same key, whatever their
-    `model`, so the model alone gives no per-subset placement."""
+    `model` or `user`, so the model alone gives no per-subset placement."""
     base, _ = live_router
     one_session = {post(base, "/v1/chat/completions", chat(model, f"prompt {i}"), {"X-Session-ID": "code"})
                    for i, model in enumerate(["code", "math", "emo-demo"] * 2)}
@@ -456,6 +456,9 @@ def test_router_hashes_the_session_header_not_the_model(live_router: tuple[str, 
     no_header = {post(base, "/v1/chat/completions", chat(model, f"prompt {model}"))
                  for model in [f"subset-{i}" for i in range(16)]}
     assert len(no_header) == 1
+    by_user = {post(base, "/v1/chat/completions", {**chat("code", "q"), "user": name})
+               for name in [f"user-{i}" for i in range(16)]}
+    assert by_user == no_header  # the body's `user` does not count either (chat, 0.1.17)
 
 
 def test_router_forwards_keys_on_the_openai_routes_only(live_router: tuple[str, list[StubReplica]]) -> None:
