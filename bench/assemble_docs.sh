@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
     echo "CPU paths of the machine that assembled it: $(grep -o 'avx2\|avx512f\|amx_tile' /proc/cpuinfo | sort -u | paste -sd, -)."
     echo "Machines differ (some AVX2 only, some AVX-512 with AMX, which vLLM's CPU kernels take for bf16): each"
     echo "section gives its own run's date, load and CPU flags; a section without flags predates recording them."
-    for area in foundation plugin profiler server stream shared slots routing gpu-check soak quality; do
+    for area in foundation plugin profiler server stream shared slots fleet routing gpu-check soak quality; do
         [ -f "docs/benchmarks/$area.md" ] || continue
         echo
         sed 's/^#/##/' "docs/benchmarks/$area.md"

@@ -273,7 +273,8 @@ class RoutingCollector:
         self.book.forget(model)
         self.fleet.forget(model)
         self._saved.pop(model, None)
-        try:
-            self._catalog.forget_counters(model)  # one row or file: quick even in a database
-        except Unavailable as exc:  # the deleting replica removed every replica's rows already
-            log.warning("could not remove routing counters", extra={"model": model, "error": str(exc)})
+        # A shared store's delete removed every replica's rows already (and a row this replica
+        # wrote just after it is of the old life, which reads refuse): no database call from the
+        # event loop here.
+        if not self._catalog.shared:
+            self._catalog.forget_counters(model)

@@ -376,11 +376,15 @@ class EmoService(LiveRouting):
         return Version(version=__version__, vllm=vllm, base=self.base_id, base_fingerprint=self.base.fingerprint)
 
     # -- models --------------------------------------------------------------------------------
+    async def lookup(self, name: str) -> None:
+        """Ask a shared store for a subset this replica has not seen yet (made on another replica
+        since the last poll), so that a request naming it never meets a 404 in the meantime."""
+        if self.catalogue_sync is not None and name != self.base_id and name not in self.registry.records:
+            await self.catalogue_sync.fetch(name)
+
     async def resolve_model(self, model: str) -> str:
-        """`resolve`, after asking a shared store for a subset this replica has not seen yet (made
-        on another replica since the last poll)."""
-        if self.catalogue_sync is not None and model != self.base_id and model not in self.registry.records:
-            await self.catalogue_sync.fetch(model)
+        """`resolve`, after a `lookup`."""
+        await self.lookup(model)
         return self.resolve(model)
 
     def resolve(self, model: str) -> str:
@@ -638,6 +642,7 @@ class EmoService(LiveRouting):
         """Delete `name` everywhere: the store first (a database that is down refuses it with a 503
         and nothing changes), then this replica's job, mask row or engine, files and counters;
         other replicas see it gone at their next poll of a shared store."""
+        await self.lookup(name)
         async with self.catalogue_lock:
             self.registry.get(name)
             if self.placement.placed(name):
@@ -661,11 +666,13 @@ class EmoService(LiveRouting):
                                     + (f": {r.error}" if r.error else "; retry when it is ready"))
 
     async def load_subset(self, name: str) -> SubsetObject:
+        await self.lookup(name)
         self._servable(name)
         await self.placement.load(name)
         return self.subset(name)
 
     async def unload_subset(self, name: str, *, force: bool) -> SubsetObject:
+        await self.lookup(name)
         self._servable(name)
         await self.placement.unload(name, force=force)
         return self.subset(name)

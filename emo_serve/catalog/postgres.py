@@ -124,6 +124,16 @@ class PostgresCatalog(Catalog):
                                        f"({type(exc).__name__}); retry later") from None
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """`work` on the connection. A connection opened before the database restarted fails on
+        its next use: then once more on a new one (every call here may run twice: writes are
+        keyed by token or replace what they wrote)."""
+        reused = self._conn is not None and not self._conn.closed
+        try:
+            with self._session() as conn:
+                return work(conn)
+        except StoreUnavailable:
+            if not reused:
+                raise
         with self._session() as conn:
             return work(conn)
 
@@ -158,7 +168,11 @@ class PostgresCatalog(Catalog):
                 "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 (self.base, name, token, state, manifest, json.dumps(job) if job is not None else None,
                  self.replica))
-            return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return True
+            # Taken, unless by this very call's first try (its answer lost with the connection).
+            row = c.execute("SELECT token FROM emo_subsets WHERE base = %s AND name = %s", (self.base, name)).fetchone()
+            return row is not None and row[0] == token
 
         if not self._run(work):
             raise NameTaken(f"the name `{name}` is already taken by a subset")

@@ -167,6 +167,15 @@ def engine_of(server: Server, model: str) -> dict:
         return next(e for e in c.get("/v1/engines").json()["data"] if e["model"] == model)
 
 
+def installed_rows(server: Server, engine: str) -> dict[str, str]:
+    """The mask rows the engine itself holds (its worker extension, over its private socket)."""
+    sock = engine_of(server, engine)["socket"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://engine", timeout=30) as c:
+        r = c.post("/collective_rpc", json={"method": "emo_installed"})
+    assert r.status_code == 200, r.text
+    return r.json()["results"][0]
+
+
 def engine_metrics(server: Server, model: str) -> dict[str, float]:
     """vLLM's own Prometheus metrics of `model`'s engine (read over its private socket), summed
     over labels: sample name -> value."""

@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, engine_metrics, engine_of, frozen, installed_rows
 
-from api_harness import ADMIN_KEY, API_KEY, Server, assert_error, engine_metrics, engine_of, frozen
 from emo_serve.checkpoint import Checkpoint
-from emo_serve.export import materialize_subset
 from emo_serve.default_model import shipped_default_model
+from emo_serve.export import materialize_subset
 from emo_serve.subset import make_subset
 
 pytestmark = pytest.mark.vllm
@@ -246,15 +246,6 @@ def test_new_subset_of_resident_experts_needs_no_engine_start(admin: httpx.Clien
 
 def engine_of_base(admin: httpx.Client) -> dict:
     return next(e for e in admin.get("/v1/engines").json()["data"] if e["model"] == BASE)
-
-
-def installed_rows(server: Server, engine: str) -> dict[str, str]:
-    """The mask rows the engine itself holds (its worker extension, over its private socket)."""
-    sock = engine_of(server, engine)["socket"]
-    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://engine", timeout=30) as c:
-        r = c.post("/collective_rpc", json={"method": "emo_installed"})
-    assert r.status_code == 200, r.text
-    return r.json()["results"][0]
 
 
 def test_delete_is_refused_while_busy_then_forced(shared: Server, admin: httpx.Client,

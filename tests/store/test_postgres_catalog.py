@@ -174,3 +174,18 @@ def test_a_wrong_url_stops_the_start_with_a_clear_error(postgres: PostgresServer
         PostgresCatalog(url, base=base.fingerprint, replica="r")
     assert "secret" not in str(caught.value) and "no_such_database" in str(caught.value)
     assert redact(url) == f"postgresql://postgres@127.0.0.1:{postgres.port}/no_such_database"
+
+
+def test_the_first_call_after_a_database_restart_succeeds(postgres: PostgresServer, url: str,
+                                                           base: Checkpoint, tmp_path: Path) -> None:
+    """A connection opened before the restart is dead; the call that finds out retries on a new
+    one rather than failing a request that came after the database was back."""
+    a = replica(base, url, tmp_path, "a")
+    a.catalog.entries()
+    postgres.restart()
+    a.catalog.claim("after", "t", {"method": "usage"})
+    # A write may run twice (its first answer lost with a connection): the second finds its own claim.
+    a.catalog.claim("after", "t", {"method": "usage"})
+    assert [e.name for e in a.catalog.entries()] == ["after"]
+    with pytest.raises(NameTaken):
+        replica(base, url, tmp_path, "b").catalog.claim("after", "other", {})

@@ -48,6 +48,7 @@ async def get_subset(name: str, service: Service,
                                                   "(1 .. --routing-retention; default: all time)")) -> SubsetObject:
     """The subset, with its `drift`: how much router mass its traffic puts outside its experts,
     collected from the engines now unless that was done under a second ago (`collected_at`)."""
+    await service.lookup(name)
     service.registry.get(name)
     window = check_window(window, service.settings.routing_retention)
     await service.fresh_routing()
@@ -62,6 +63,7 @@ async def get_subset(name: str, service: Service,
 async def subset_scores(request: Request, name: str, service: Service,
                         format: Literal["json", "png"] = Query("json")) -> Response:
     """The scores the subset's experts were chosen by (profiler, live engine or traffic)."""
+    await service.lookup(name)
     if format == "png":
         return await heatmap_response(request, await service.subset_scores_heatmap(name), service.heatmaps)
     scores = await asyncio.to_thread(service.subset_scores, name)
