@@ -143,7 +143,6 @@ def main() -> None:
     flags = sorted({f for f in ("avx2", "avx512f", "amx_tile") if f in Path("/proc/cpuinfo").read_text()})
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} CPUs {', '.join(flags)}")
     with PostgresServer() as postgres:
-        postgres.start()
         store = postgres.create_database("bench")
         replicas = [start_replica(chr(ord("a") + i), store, work) for i in range(args.replicas)]
         try:

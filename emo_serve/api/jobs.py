@@ -27,7 +27,7 @@ from ..errors import Busy, EmoServeError
 from ..examples import Example
 from ..selection import SelectionRequest, build_subset
 from ..store import SubsetRecord, SubsetState, SubsetStore
-from . import catalogue
+from . import store_calls
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class ProfilingJobs:
                 if not store.is_current(record):  # deleted while writing: only our own files go
                     return
                 scores = selected.scores.to_json() + "\n" if selected.scores is not None else None
-                await catalogue.publish(store, record, built, scores)
+                await store_calls.publish(store, record, built, scores)
             finally:
                 if staging.exists():
                     await loop.run_in_executor(None, lambda: shutil.rmtree(staging, ignore_errors=True))
@@ -134,7 +134,7 @@ class ProfilingJobs:
 
     async def _failed(self, record: SubsetRecord, error: str) -> None:
         try:
-            await catalogue.mark_failed(self.store, record, error)
+            await store_calls.mark_failed(self.store, record, error)
         except EmoServeError as exc:  # the shared store is down: the failure shows on this replica
             log.warning("could not keep a profiling failure in the store", extra={"subset": record.name,
                                                                                  "error": str(exc)})
