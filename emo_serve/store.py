@@ -4,7 +4,7 @@ engine, and the catalog that keeps them (`catalog`: the state dir, or a PostgreS
 of replicas shares).
 
 A restarted server reads the catalog back, so its subsets survive with no profiling redone; a
-replica of a fleet also takes in what the others made (`api/catalogue_sync.py`). The store only
+replica of a fleet also takes in what the others made (`api/store_sync.py`). The store only
 touches files, records and the catalog: making a subset from examples is `selection`'s job, and
 running that in the background is the API's (`api/jobs.py`).
 """
@@ -185,8 +185,8 @@ class SubsetStore:
             return record
 
     def begin(self, name: str, job: dict[str, Any]) -> SubsetRecord:
-        """Register `name` as profiling (`job`: what was asked for); `claim` holds it in a shared
-        catalog, then `publish` or `mark_failed` ends it."""
+        """Register `name` as profiling (`job`: what was asked for); `claim` then holds it in the
+        catalog, and `api/store_calls`' `publish` or `mark_failed` ends it."""
         self.reserve(name)
         record = self.records[name] = SubsetRecord(name, SubsetState.PROFILING, job=job, pending=True, local=True)
         return record
@@ -239,7 +239,7 @@ class SubsetStore:
 
     def stage(self, record: SubsetRecord, built: SubsetRecord) -> None:
         """The first half of making a profiling `record` ready: what `build` staged for it becomes
-        its materialized dir. The catalog's `publish` of its manifest follows (`api/catalogue`),
+        its materialized dir. The catalog's `publish` of its manifest follows (`api/store_calls`),
         then `complete`."""
         assert built.spec is not None and built.model_dir is not None
         target = self.model_dir(record.name)

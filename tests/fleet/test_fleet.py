@@ -147,6 +147,11 @@ def test_traffic_spread_over_the_fleet_teaches_what_one_replica_would(fleet: Fle
         assert r.status_code == 201, r.text
         learnt[model] = r.json()["experts"]
     assert learnt["spread"] == learnt["single"]
+    # The scores it was chosen by are in the store: another replica shows the same.
+    scores = [httpx.get(f"{url}/v1/subsets/from-spread/scores", headers={"Authorization": f"Bearer {API_KEY}"},
+                        timeout=60) for url in (c, a)]
+    assert [r.status_code for r in scores] == [200, 200], [r.text for r in scores]
+    assert scores[0].json() == scores[1].json() and scores[0].json()["method"] == "usage"
 
 
 def test_a_killed_replica_loses_no_request_silently_and_rejoins(fleet: Fleet, wait: Wait) -> None:
