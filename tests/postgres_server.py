@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+from debian_packages import apt_install
 from router_process import free_port
 
 PG_LIB = Path("/usr/lib/postgresql")
@@ -44,18 +45,11 @@ def pg_bindir() -> Path:
     found = _newest_bindir()
     if found:
         return found
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.fail("the store tests need PostgreSQL: run `apt-get install postgresql` as root (Debian)")
     # The package may create and start its own cluster on 5432; ours never uses it.
-    for attempt in (["apt-get", "install", "-y", "-q", "postgresql"], ["apt-get", "update", "-q"],
-                    ["apt-get", "install", "-y", "-q", "postgresql"]):
-        done = subprocess.run(attempt, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if attempt[1] == "install" and done.returncode == 0:
-            break
+    apt_install("postgresql", needed_by="the store and fleet tests")
     found = _newest_bindir()
     if not found:
-        pytest.fail(f"apt-get install postgresql failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        pytest.fail("apt-get installed postgresql, but no /usr/lib/postgresql/<major>/bin/pg_ctl appeared")
     return found
 
 

@@ -6,15 +6,14 @@ tests install podman); Playwright only drives it and never downloads a browser o
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from debian_packages import apt_install
 
 # Flags for a closed network (no background connections to Google's hosts) and a root user.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -26,17 +25,10 @@ def chromium() -> str:
     path = shutil.which("chromium")
     if path:
         return path
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.fail("the page test needs Chromium: run `apt-get install chromium` as root (Debian)")
-    for attempt in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
-                    ["apt-get", "install", "-y", "-q", "chromium"]):
-        done = subprocess.run(attempt, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if attempt[1] == "install" and done.returncode == 0:
-            break
+    apt_install("chromium", needed_by="the page test")
     path = shutil.which("chromium")
     if not path:
-        pytest.fail(f"apt-get install chromium failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        pytest.fail("apt-get installed chromium, but no `chromium` is on PATH")
     return path
 
 
