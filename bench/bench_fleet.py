@@ -6,7 +6,7 @@ the time from creating a subset on one replica to its first token on another.
 Three `emo-serve serve` replicas (shared engine, the built-in demo model, float32) share one
 PostgreSQL store (a throwaway server from Debian's packages, `tests/postgres_server.py`); the real
 `vllm-router` (`--policy consistent_hash`, health checks on `/ready`) is started in front of the
-first 1, then 2, then 3 of them, and the same load goes through it each time: `--concurrency`
+first 1, then 2, then 3 of them, then 1 again (`--sizes`), and the same load goes through it each time: `--concurrency`
 clients of the official async `openai` client, streamed completions of `--max-tokens` tokens
 (greedy, `ignore_eos`) spread over `--subsets` subsets, distinct prompts (the router hashes a
 completion's prompt). Reported per fleet size: requests/s, time to first token p50/p99 and the
@@ -133,7 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=384)
+    parser.add_argument("--sizes", default="1,2,3,1", help="fleet sizes in the order run (the last 1 brackets "
+                        "the run: it shows how much the machine drifted)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--subsets", type=int, default=3)
     parser.add_argument("--creates", type=int, default=5)
@@ -153,7 +155,7 @@ def main() -> None:
             for i, model in enumerate(models):
                 create(urls[0], model, [4 * i + j for j in range(4)])
             rows = []
-            for n in range(1, args.replicas + 1):
+            for n in [int(x) for x in args.sizes.split(",") if int(x) <= args.replicas]:
                 router = start_router(urls[:n], log_path=work / "router.log",
                                       extra=["--health-check-endpoint", "/ready"])
                 try:
