@@ -149,7 +149,7 @@ class SubsetCatalogue(LiveRouting):
 
     async def _abandon(self, record: SubsetRecord) -> None:
         """Drop a subset that was never made, and its claim in the store (which a database that is
-        down keeps: its replica's heartbeat then fails it)."""
+        down keeps until its heartbeat goes stale and any replica fails it)."""
         try:
             await store_calls.abandon(self.registry, record)
         except Unavailable as exc:

@@ -80,7 +80,8 @@ class CatalogueSync:
         registry = self.service.registry
         catalog = registry.catalog
         listing = await asyncio.to_thread(catalog.entries, manifests=False)
-        await asyncio.to_thread(catalog.heartbeat)
+        alive = [name for name, r in registry.records.items() if r.local and r.state is SubsetState.PROFILING]
+        await asyncio.to_thread(catalog.heartbeat, alive)
         if self.down:
             log.info("the store is reachable again")
             self.down = False

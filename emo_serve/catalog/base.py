@@ -103,10 +103,11 @@ class Catalog(ABC):
     def scores(self, name: str) -> str | bytes | None:
         """The scores `name` was chosen by (JSON), None if none are kept."""
 
-    def heartbeat(self) -> None:
-        """Say that this server's profiling jobs are alive, and fail those whose server is gone
-        (a shared catalog's rows would otherwise say `profiling` forever). Nothing to do where
-        jobs are not kept."""
+    def heartbeat(self, alive: list[str]) -> None:
+        """Say that this server's profiling jobs `alive` (names) still run, and fail the jobs whose
+        server stopped saying so (a shared catalog's rows would otherwise say `profiling` forever:
+        a killed replica's, or one whose failure could not be written). Nothing to do where jobs
+        are not kept."""
         return None
 
     def fail_own_jobs(self) -> None:

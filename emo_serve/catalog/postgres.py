@@ -213,12 +213,12 @@ class PostgresCatalog(Catalog):
                                             (self.base, name)).fetchone())
         return row[0] if row else None
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, alive: list[str]) -> None:
         def work(c: psycopg.Connection[Any]) -> None:
-            c.execute("UPDATE emo_subsets SET updated = now() WHERE base = %s AND owner = %s AND state = 'profiling'",
-                      (self.base, self.replica))
+            c.execute("UPDATE emo_subsets SET updated = now() WHERE base = %s AND owner = %s AND state = 'profiling' "
+                      "AND name = ANY(%s)", (self.base, self.replica, alive))
             c.execute("UPDATE emo_subsets SET state = 'failed', updated = now(), error = 'the replica that was "
-                      "profiling it (' || owner || ') stopped; delete it and create it again' "
+                      "profiling it (' || owner || ') stopped or lost it; delete it and create it again' "
                       "WHERE base = %s AND state = 'profiling' AND updated < now() - make_interval(secs => %s)",
                       (self.base, ORPHAN_JOB_S))
 

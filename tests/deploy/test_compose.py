@@ -122,7 +122,8 @@ def test_probes_and_scraper_use_real_unauthenticated_routes(compose: dict[str, A
     assert job["metrics_path"] == "/metrics"
     (static,) = job["static_configs"]
     targets = {t.split(":")[0]: int(t.split(":")[1]) for t in static["targets"]}
-    assert targets == {name: int(image_env()["EMO_PORT"]) for name in ("emo-serve", "emo-serve-cpu")}
+    servers = ("emo-serve", "emo-serve-cpu", "emo-serve-fleet-a", "emo-serve-fleet-b")
+    assert targets == {name: int(image_env()["EMO_PORT"]) for name in servers}
 
 
 def shm_bytes(size: str | int) -> int:

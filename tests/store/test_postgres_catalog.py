@@ -108,15 +108,18 @@ def test_failures_scores_and_counters(base: Checkpoint, url: str, tmp_path: Path
 def test_jobs_of_a_replica_that_is_gone_are_failed(base: Checkpoint, url: str, tmp_path: Path) -> None:
     a, b = replica(base, url, tmp_path, "a"), replica(base, url, tmp_path, "b")
     a.catalog.claim("mine", "t1", {"method": "usage"})
+    a.catalog.claim("lost", "t3", {"method": "usage"})  # its failure never reached the store
     b.catalog.claim("theirs", "t2", {"method": "usage"})
-    a.catalog.heartbeat()
-    assert {e.name: e.state for e in a.catalog.entries()} == {"mine": "profiling", "theirs": "profiling"}
-    with psycopg.connect(url, autocommit=True) as conn:  # B's last heartbeat was two minutes ago
-        conn.execute("UPDATE emo_subsets SET updated = now() - interval '2 minutes' WHERE name = 'theirs'")
-    a.catalog.heartbeat()
+    a.catalog.heartbeat(["mine"])
+    assert {e.name: e.state for e in a.catalog.entries()} == {"mine": "profiling", "lost": "profiling",
+                                                               "theirs": "profiling"}
+    with psycopg.connect(url, autocommit=True) as conn:  # two minutes pass: only A's live job says so
+        conn.execute("UPDATE emo_subsets SET updated = now() - interval '2 minutes'")
+    a.catalog.heartbeat(["mine"])
     states = {e.name: (e.state, e.error) for e in a.catalog.entries()}
     assert states["mine"] == ("profiling", None)
     assert states["theirs"][0] == "failed" and "(b) stopped" in states["theirs"][1]
+    assert states["lost"][0] == "failed" and "(a) stopped or lost it" in states["lost"][1]
     # A replica restarting under its name fails its own jobs at once: they died with it.
     replica(base, url, tmp_path, "a").load_existing()
     assert {e.name: e.state for e in b.catalog.entries()}["mine"] == "failed"
