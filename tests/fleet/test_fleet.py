@@ -114,6 +114,26 @@ def test_a_delete_on_one_replica_reaches_the_others(fleet: Fleet, wait: Wait) ->
     assert complete(a.url, "brief").json()["error"]["code"] == "model_not_found"
 
 
+def test_a_profiling_job_on_one_replica_is_seen_by_the_others(fleet: Fleet, wait: Wait) -> None:
+    """A subset made from examples is a job on A (202, `profiling`): the name is held in the store
+    at once (B refuses it), B shows the job, and then the finished subset with A's experts."""
+    a, b = fleet.replicas["a"].url, fleet.replicas["b"].url
+    r = create(a, "profiled", None, examples=["def f(x):\n    return x * 2\n"], method="random", size=3)
+    assert r.status_code == 202, r.text
+    assert create(b, "profiled", [1, 2]).status_code == 409
+
+    def on_b() -> dict:
+        got = httpx.get(f"{b}/v1/subsets/profiled", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+        assert got.status_code == 200, got.text
+        return got.json()
+
+    assert on_b()["state"] in ("profiling", "ready"), on_b()
+    wait(lambda: on_b()["state"] == "ready", 60, "B to show the finished subset")
+    mine = httpx.get(f"{a}/v1/subsets/profiled", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert mine["state"] == "ready" and on_b()["experts"] == mine["experts"] and on_b()["method"] == "random"
+    assert text_of(complete(b, "profiled"))
+
+
 def test_traffic_spread_over_the_fleet_teaches_what_one_replica_would(fleet: Fleet, wait: Wait) -> None:
     """The same prompts to two subsets with the same experts: `spread` through the router (which
     hashes each prompt to a replica), `single` straight to A. Read on C, the fleet's counts of
