@@ -81,8 +81,6 @@ class SubsetStore:
         self.catalog = catalog or DirectoryCatalog(state_dir)
         self.subsets_dir = state_dir / "subsets"
         self.materialized_dir = state_dir / "materialized"
-        self.usage_dir = state_dir / "usage"  # routing counters per model, when the catalog is the state dir
-        self.scores_dir = state_dir / "scores"  # the profiling scores a subset was chosen by, likewise
         self.materialized_dir.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, SubsetRecord] = {}
         self._sweep(state_dir)
@@ -102,14 +100,6 @@ class SubsetStore:
 
     def model_dir(self, name: str) -> Path:
         return child_path(self.materialized_dir, name)
-
-    def scores_path(self, name: str) -> Path:
-        """The scores a subset was chosen by (`emo-scores/v1`), when one profiling run chose it."""
-        return child_path(self.scores_dir, name, MANIFEST_SUFFIX)
-
-    def usage_path(self, name: str) -> Path:
-        """The routing counters of a subset (or of the base), kept beside its manifest."""
-        return child_path(self.usage_dir, name, MANIFEST_SUFFIX)
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, name: str) -> SubsetRecord:
@@ -267,7 +257,7 @@ class SubsetStore:
 
     def scores_source(self, name: str) -> str:
         """Where `scores` came from, for error messages."""
-        return f"scores of `{name}` in the store" if self.catalog.shared else str(self.scores_path(name))
+        return self.catalog.where("scores", name)
 
     # -- deleting ------------------------------------------------------------------------------
     def remove(self, name: str) -> None:

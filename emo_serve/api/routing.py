@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 
-from ..catalog import Catalog, DirectoryCatalog
+from ..catalog import Catalog
 from ..engines import EngineManager, EngineState
 from ..engines.manager import Engine
 from ..engines.placement import Placement
@@ -187,7 +187,8 @@ class RoutingCollector:
         for model, identity in wanted:
             for data in self._catalog.other_counters(model):
                 try:  # another life of the model (a replica that has not seen it deleted yet) is refused
-                    usage = self.fleet.parse(model, data, source=self._where(model), identity=identity)
+                    usage = self.fleet.parse(model, data, source=self._catalog.where("counters", model),
+                                             identity=identity)
                 except ValueError as exc:
                     log.debug("skipping another replica's routing counters", extra={"error": str(exc)})
                     continue
@@ -226,7 +227,7 @@ class RoutingCollector:
             if data is None or current is None:
                 continue
             try:
-                self.book.loads(model, data, source=self._where(model), identity=current.identity)
+                self.book.loads(model, data, source=self._catalog.where("counters", model), identity=current.identity)
             except ValueError as exc:  # a bad file costs its counters, not the server's start
                 log.warning("ignoring routing counters", extra={"model": model, "error": str(exc)})
 
@@ -244,12 +245,6 @@ class RoutingCollector:
             self._saved[model] = now
         self._writer = asyncio.create_task(asyncio.to_thread(self._write, [self.book.snapshot(m) for m in due]))
         await asyncio.shield(self._writer)
-
-    def _where(self, model: str) -> str:
-        """Where `model`'s counters are kept, for error messages."""
-        if isinstance(self._catalog, DirectoryCatalog):
-            return str(self._catalog.usage_path(model))
-        return f"routing counters of `{model}` in the store"
 
     def _write(self, snaps: list[UsageSnapshot]) -> None:
         for i, snap in enumerate(snaps):

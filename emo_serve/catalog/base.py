@@ -103,6 +103,10 @@ class Catalog(ABC):
     def scores(self, name: str) -> str | bytes | None:
         """The scores `name` was chosen by (JSON), None if none are kept."""
 
+    @abstractmethod
+    def where(self, kind: str, name: str) -> str:
+        """Where `name`'s `kind` ("manifest", "scores" or "counters") is kept, for messages."""
+
     def heartbeat(self, alive: list[str]) -> None:
         """Say that this server's profiling jobs `alive` (names) still run, and fail the jobs whose
         server stopped saying so (a shared catalog's rows would otherwise say `profiling` forever:

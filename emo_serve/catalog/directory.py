@@ -47,6 +47,10 @@ class DirectoryCatalog(Catalog):
     def usage_path(self, name: str) -> Path:
         return child_path(self.usage_dir, name, SUFFIX)
 
+    def where(self, kind: str, name: str) -> str:
+        path = {"manifest": self.manifest_path, "scores": self.scores_path, "counters": self.usage_path}[kind]
+        return str(path(name))
+
     # -- subsets -------------------------------------------------------------------------------
     def entries(self, *, manifests: bool = True) -> list[Entry]:
         out = []

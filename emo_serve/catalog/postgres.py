@@ -80,7 +80,7 @@ class PostgresCatalog(Catalog):
 
     def __init__(self, url: str, *, base: str, replica: str) -> None:
         self.url, self.base, self.replica = url, base, replica
-        self.where = redact(url)
+        self.location = redact(url)
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         with self._session():  # at start: a wrong URL or a database that is down stops the server
@@ -98,12 +98,12 @@ class PostgresCatalog(Catalog):
             row = conn.execute("SELECT max(version) FROM emo_schema").fetchone()
             version = (row[0] if row else None) or 0
             if version > len(MIGRATIONS):
-                raise StoreUnavailable(f"the store at {self.where} has schema version {version}, newer than this "
+                raise StoreUnavailable(f"the store at {self.location} has schema version {version}, newer than this "
                                        f"emo-serve knows ({len(MIGRATIONS)}): upgrade emo-serve")
             for number in range(version, len(MIGRATIONS)):
                 conn.execute(MIGRATIONS[number])
                 conn.execute("INSERT INTO emo_schema (version) VALUES (%s)", (number + 1,))
-                log.info("store schema migrated", extra={"store": self.where, "version": number + 1})
+                log.info("store schema migrated", extra={"store": self.location, "version": number + 1})
         return conn
 
     @contextmanager
@@ -120,7 +120,7 @@ class PostgresCatalog(Catalog):
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None
-                raise StoreUnavailable(f"the store at {self.where} is unavailable "
+                raise StoreUnavailable(f"the store at {self.location} is unavailable "
                                        f"({type(exc).__name__}); retry later") from None
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
@@ -146,7 +146,10 @@ class PostgresCatalog(Catalog):
     # -- subsets -------------------------------------------------------------------------------
     def _entry(self, row: tuple[Any, ...]) -> Entry:
         name, state, token, manifest, error, job = row
-        return Entry(name, state, token, f"subset `{name}` in the store", manifest=manifest, error=error, job=job)
+        return Entry(name, state, token, self.where("manifest", name), manifest=manifest, error=error, job=job)
+
+    def where(self, kind: str, name: str) -> str:
+        return f"{kind} of `{name}` in the store at {self.location}"
 
     def entries(self, *, manifests: bool = True) -> list[Entry]:
         column = "manifest" if manifests else "NULL"
