@@ -49,9 +49,11 @@ class SubsetCatalogue(LiveRouting):
     catalogue_lock: asyncio.Lock
 
     async def lookup(self, name: str) -> None:
-        """Ask a shared store for a subset this replica has not seen yet (made on another replica
-        since the last poll), so that a request naming it never meets a 404 in the meantime."""
-        if self.catalogue_sync is not None and name != self.base_id and name not in self.registry.records:
+        """Ask a shared store about a subset this replica may hold stale: one it has not seen yet
+        (made on another replica since the last poll), or another replica's job it last saw
+        profiling (which may be ready since), so that a request naming it never meets a 404 or a
+        "still profiling" the store no longer says."""
+        if self.catalogue_sync is not None and name != self.base_id and self.catalogue_sync.stale(name):
             await self.catalogue_sync.fetch(name)
 
     # -- subsets -------------------------------------------------------------------------------

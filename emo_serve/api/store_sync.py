@@ -37,8 +37,9 @@ class Replica(Protocol):
     async def subset_ready(self, record: SubsetRecord) -> None: ...
 
 
-# A name the store did not know is asked again only after this long (a client sending requests
-# for a name that does not exist must not turn each into a database query).
+# A name the store did not know (or held profiling) is asked again only after this long: a client
+# sending requests for a name that does not exist, or polling a job, must not turn each into a
+# database query.
 UNKNOWN_TTL_S = 1.0
 UNKNOWN_MAX = 4096
 
@@ -49,7 +50,7 @@ class CatalogueSync:
     def __init__(self, service: Replica, *, interval: float) -> None:
         self.service, self.interval = service, interval
         self._task: asyncio.Task[None] | None = None
-        self._unknown: dict[str, float] = {}  # name -> when the store last said it has no such subset
+        self._unknown: dict[str, float] = {}  # name -> when the store last had no such subset, or a job
         self.down = False
 
     def start(self) -> None:
@@ -108,15 +109,22 @@ class CatalogueSync:
             return True
         return record.state is SubsetState.PROFILING and entry.state != "profiling"
 
+    def stale(self, name: str) -> bool:
+        """Whether this replica's view of `name` may lag the store: unknown here, or another
+        replica's job last seen profiling (a poll between its claim and its publish saw that)."""
+        record = self.service.registry.records.get(name)
+        return record is None or (record.state is SubsetState.PROFILING and not record.local)
+
     async def fetch(self, name: str) -> None:
-        """Take in `name` from the store now, if the store has it (a first request for it)."""
+        """Take in `name` from the store now, if the store has it (a first request for it, or one
+        for a job another replica may have finished)."""
         now = time.monotonic()
         if now - self._unknown.get(name, -UNKNOWN_TTL_S) < UNKNOWN_TTL_S:
             return
         async with self.service.catalogue_lock:
-            if name in self.service.registry.records:
+            if not self.stale(name):
                 return
-            if not await self._take(name):
+            if not await self._take(name) or self.stale(name):
                 if len(self._unknown) >= UNKNOWN_MAX:
                     self._unknown.clear()
                 self._unknown[name] = now
