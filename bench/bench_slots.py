@@ -14,7 +14,8 @@ first streamed token, its own load's seconds (from the server log), the bytes of
 meanwhile (`emo_expert_load_bytes`, reloads included), the process tree's peak RSS so far (sampled
 every 0.25 s), and the requests that failed. The RSS target printed beside it is 1.1 x
 (non-expert weights + slots + the shared experts + a 3 GiB runtime (`engines.memory.RUNTIME_BYTES`)
-+ the KV cache), from the checkpoint's headers.
++ the KV cache), from the checkpoint's headers. The disk's speed for one cold sequential read is
+printed at the start and the end: below ~1 GB/s it, not the engine, decides a 14B-shape load's time.
 
 `--before REV` adds, in the same run and first, what the project did before expert slots: the
 tree at git revision REV (e.g. 1334525) serving the first subset (`--preload-subset`) and then the
@@ -103,6 +104,30 @@ def wait_engine_ready(http: httpx.Client, server: subprocess.Popen, log: Path) -
         if server.poll() is not None:
             raise SystemExit(f"the server exited; see {log}")
         time.sleep(0.5)
+
+
+def disk_read_rate(base: Checkpoint, nbytes: int = 512 * 2**20) -> float:
+    """MB/s of one cold sequential read from the middle of the checkpoint's largest shard (dropped
+    from the page cache first, and again after): what a load's time depends on below ~1 GB/s,
+    printed with the results because a shared machine's disk speed varies from run to run."""
+    paths = [base.path(s.rsplit("/", 1)[-1]) for s in {i.shard for i in base.tensors.values()}]
+    path = max(paths, key=os.path.getsize)
+    size = os.path.getsize(path)
+    start, length = max(0, size // 2 - nbytes // 2), min(nbytes, size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+        buf, done, t0 = bytearray(16 * 2**20), 0, time.perf_counter()
+        while done < length:
+            got = os.preadv(fd, [memoryview(buf)[:min(len(buf), length - done)]], start + done)
+            if got == 0:
+                break
+            done += got
+        seconds = time.perf_counter() - t0
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return done / seconds / 1e6
 
 
 def random_experts(cfg, rng: random.Random, routed: int) -> list[list[int]]:
@@ -223,7 +248,8 @@ def main() -> None:
                 raise SystemExit(f"the server exited; see {log.name}")
             time.sleep(0.5)
         print(f"engine ready with empty slots: {time.monotonic() - t_start:.1f} s, "
-              f"process tree peak RSS {rss.peak / GIB:.2f} GiB", flush=True)
+              f"process tree peak RSS {rss.peak / GIB:.2f} GiB; disk {disk_read_rate(base):.0f} MB/s "
+              "(one cold sequential read)", flush=True)
         created: list[str] = []
         failures: list[str] = []
         stop = threading.Event()
@@ -266,7 +292,8 @@ def main() -> None:
         stop.set()
         engines = http.get("/v1/engines").json()["data"]
         print(f"failed requests: {len(failures)}; engines: {[(e['model'], e['starts']) for e in engines]}; "
-              f"evictions: {metric(http, 'emo_expert_evictions_total'):.0f}")
+              f"evictions: {metric(http, 'emo_expert_evictions_total'):.0f}; disk at the end "
+              f"{disk_read_rate(base):.0f} MB/s")
         for f in failures[:5]:
             print("  ", f)
     finally:
