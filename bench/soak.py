@@ -35,7 +35,13 @@ starve the front end):
   own, waiting for it (201, or 202 then polling) and deleting it. 201/202 are expected; 429 (job
   limit), a 400 over the per-request token bound and 503 are counted; another 5xx is a failure.
 - a /health prober (`--health-probe`): `GET /health` every `--health-every` s (0.2) from a process
-  of its own with its own connection, so that the soak's event loop (and its GIL) adds nothing.
+  of its own with its own connection, so that the soak's event loop (and its GIL) adds nothing,
+  in a session of its own: Linux's autogroup scheduler shares the CPU between sessions first, and
+  in the soak's session the prober waited up to 0.7 s for a CPU behind the load workers (as a
+  probe from another machine or a kubelet would not). Each probe also records how long the prober
+  itself sat runnable without a CPU, and the summary sets that apart, beside the front end's own
+  event-loop lag (`emo_event_loop_lag_seconds` from its `/metrics`) and the stalls its watchdog
+  logged.
 
 A request is *lost without an error* when it got no HTTP status (transport error), when a stream
 ended without `data: [DONE]` and without an error event, when a 200 body is not a completion, or
@@ -244,7 +250,9 @@ class State:
     shm_by_pid: dict[int, set[str]] = field(default_factory=dict)
     state_dir: Path | None = None
     calls: list[Call] = field(default_factory=list)
-    health: list[tuple[float, float, int | None]] = field(default_factory=list)  # (t, seconds, status)
+    # (t, seconds, status, seconds the prober itself waited for a CPU meanwhile or None)
+    health: list[tuple[float, float, int | None, float | None]] = field(default_factory=list)
+    lag: dict[str, float] = field(default_factory=dict)  # the front end's loop-lag histogram: le -> count
     out: Path | None = None
     users_sent: int = 0       # fresh `user` values sent (user-1 .. user-N)
     users_target: int = 0     # --users
@@ -546,20 +554,33 @@ async def delete_profiled(c: httpx.AsyncClient, st: State, name: str) -> None:
     st.record(call)
 
 
+def run_queue_wait() -> float | None:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat), or None."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def health_prober(url: str, t0: float, every: float, path: Path, stop: Connection) -> None:
     """GET /health every `every` s until `stop` is readable (a message, or the soak gone), one JSON
     line a probe to `path`; run in a process of its own (time.monotonic is the machine's, so `t`
     counts from the soak's t0). A pipe, not a multiprocessing Event: no semaphore in /dev/shm."""
+    os.setsid()  # a scheduling group of its own (see the module's docstring)
     slow, printed = 0, 0.0  # slow probes since the last line printed about them, and when that was
     with httpx.Client(base_url=url, timeout=10) as c, open(path, "w") as f:
         while True:
-            t = time.monotonic()
+            t, waited = time.monotonic(), run_queue_wait()
             try:
                 status: int | None = c.get("/health").status_code
             except httpx.HTTPError:
                 status = None
             seconds = time.monotonic() - t
-            f.write(json.dumps({"t": round(t - t0, 2), "ms": round(seconds * 1000, 2), "status": status}) + "\n")
+            # How long the prober itself sat runnable without a CPU during the probe: a slow probe
+            # with as much wait is the measuring process starved, not the server.
+            wait_ms = round((run_queue_wait() - waited) * 1000, 2) if waited is not None else None
+            f.write(json.dumps({"t": round(t - t0, 2), "ms": round(seconds * 1000, 2), "status": status,
+                                "prober_wait_ms": wait_ms}) + "\n")
             f.flush()
             slow += seconds > HEALTH_TARGET or status != 200
             if slow and time.monotonic() - printed >= 5:
@@ -570,12 +591,13 @@ def health_prober(url: str, t0: float, every: float, path: Path, stop: Connectio
                 return
 
 
-def read_health(path: Path) -> list[tuple[float, float, int | None]]:
+def read_health(path: Path) -> list[tuple[float, float, int | None, float | None]]:
     out = []
     for line in path.read_text().splitlines() if path.exists() else ():
         try:
             d = json.loads(line)
-            out.append((d["t"], d["ms"] / 1000, d["status"]))
+            wait = d.get("prober_wait_ms")
+            out.append((d["t"], d["ms"] / 1000, d["status"], None if wait is None else wait / 1000))
         except (ValueError, KeyError):
             continue  # a line cut by the end of the run
     return out
@@ -761,6 +783,10 @@ async def sampler(c: httpx.AsyncClient, st: State) -> None:
                     st.track_shm(e.get("pid"))
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             eng = [{"error": f"{type(exc).__name__}: {exc}"[:200]}]
+        try:
+            st.lag = loop_lag_buckets((await c.get("/metrics")).text) or st.lag
+        except httpx.HTTPError:
+            pass  # the last scrape stands
         s = {"t": round(st.elapsed(), 1), "at": now(), "rss_mb": rss_mb(st.server_pid), "processes": len(below),
              "orphans": sorted(orphans), "load1": os.getloadavg()[0], "requests": len(st.requests),
              "users_sent": st.users_sent, "usage_mb": usage_mb(st.state_dir), "engines": eng}
@@ -773,6 +799,49 @@ async def sampler(c: httpx.AsyncClient, st: State) -> None:
             return
         except TimeoutError:
             pass
+
+
+def loop_lag_buckets(text: str) -> dict[str, float]:
+    """The front end's `emo_event_loop_lag_seconds` histogram: bucket bound -> cumulative count."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'emo_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)', line)
+        if m:
+            out[m[1]] = float(m[2])
+    return out
+
+
+def loop_lag_figures(lag: dict[str, float]) -> dict:
+    """From the histogram: how many heartbeats, the bucket holding the 99th percentile, and how
+    many ran over 100 ms late."""
+    total = lag.get("+Inf")
+    if not total:
+        return {"loop_lag_beats": None, "loop_lag_p99_at_most_ms": None, "loop_lag_over_100ms": None}
+    bounds = sorted((float(k), v) for k, v in lag.items() if k != "+Inf")
+    p99 = next((b for b, count in bounds if count >= 0.99 * total), None)
+    over = total - lag.get("0.1", total)
+    return {"loop_lag_beats": int(total), "loop_lag_p99_at_most_ms": None if p99 is None else p99 * 1000,
+            "loop_lag_over_100ms": int(over)}
+
+
+def loop_stalls(server_log: Path) -> dict:
+    """The front end's watchdog lines (`event loop stalled`): how many, the longest, and where the
+    three longest were (innermost frame)."""
+    stalls = []
+    for line in server_log.read_text(errors="replace").splitlines() if server_log.exists() else ():
+        if '"event loop stalled"' not in line:
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        stalls.append(d)
+    stalls.sort(key=lambda d: -d.get("stalled_s", 0))
+    return {"loop_stalls": len(stalls), "loop_stall_max_s": stalls[0]["stalled_s"] if stalls else None,
+            "loop_stalls_longest": [{"time": d.get("time"), "stalled_s": d.get("stalled_s"),
+                                     "loop_cpu_s": d.get("loop_cpu_s"),
+                                     "waited_for_cpu_s": d.get("loop_waited_for_cpu_s"),
+                                     "where": (d.get("where") or ["?"])[-1][:200]} for d in stalls[:3]]}
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -936,6 +1005,7 @@ def summarize(st: State, args: argparse.Namespace, run: dict, stop_info: dict, c
         "usage_mb_end": st.samples[-1].get("usage_mb") if st.samples else None,
         "usage_mb_max": max((s.get("usage_mb") or 0 for s in st.samples), default=None),
         **client_figures(st, args),
+        **(loop_stalls(st.out / "server.log") if st.out is not None else {}),
         **stop_info,
     }
     return summary
@@ -961,9 +1031,12 @@ def client_figures(st: State, args: argparse.Namespace) -> dict:
     legal = [x for x in st.calls if x.what == PROMPT_LISTS[-1][0]]
     creates = [x for x in st.calls if x.client == "profile" and x.what.startswith("create")]
     new_5xx = [asdict(x) for x in st.calls if (x.status or 0) >= 500 and x.status != 503]
-    new_5xx += [{"client": "health", "t": t, "status": code} for t, _, code in st.health if (code or 0) >= 500]
-    health = [sec for _, sec, _ in st.health]
-    after = [sec for t, sec, _ in st.health if st.users_reached_at is not None and t >= st.users_reached_at]
+    new_5xx += [{"client": "health", "t": t, "status": code} for t, _, code, _ in st.health if (code or 0) >= 500]
+    health = [sec for _, sec, _, _ in st.health]
+    after = [sec for t, sec, _, _ in st.health if st.users_reached_at is not None and t >= st.users_reached_at]
+    slow = [(sec, wait) for _, sec, _, wait in st.health if sec > HEALTH_TARGET]
+    # A probe less the time its own process sat waiting for a CPU: what the server took.
+    served = [sec - wait for _, sec, _, wait in st.health if wait is not None]
 
     def ms(v: float | None) -> float | None:
         return None if v is None else round(v * 1000, 1)
@@ -993,10 +1066,14 @@ def client_figures(st: State, args: argparse.Namespace) -> dict:
         "health_p50_ms": ms(pct(health, 50)), "health_p99_ms": ms(pct(health, 99)),
         "health_max_ms": ms(max(health, default=None)),
         "health_over_100ms": sum(sec > HEALTH_TARGET for sec in health),
-        "health_not_200": sum(code != 200 for _, _, code in st.health),
+        "health_not_200": sum(code != 200 for _, _, code, _ in st.health),
+        "health_over_100ms_prober_starved": sum(wait is not None and wait >= sec / 2 for sec, wait in slow),
+        "health_less_prober_wait_p99_ms": ms(pct(served, 99)),
+        "health_less_prober_wait_over_100ms": sum(sec > HEALTH_TARGET for sec in served),
         "health_p99_after_users_target_ms": ms(pct(after, 99)),
-        "health_slowest": [{"t": t, "ms": ms(sec), "status": code}
-                           for t, sec, code in sorted(st.health, key=lambda h: -h[1])[:10]],
+        "health_slowest": [{"t": t, "ms": ms(sec), "status": code, "prober_wait_ms": ms(wait)}
+                           for t, sec, code, wait in sorted(st.health, key=lambda h: -h[1])[:10]],
+        **loop_lag_figures(st.lag),
         "health_p99_under_100ms": (pct(health, 99) or 0) < HEALTH_TARGET if health else None,
     }
 
@@ -1074,7 +1151,17 @@ def client_rows(s: dict, f) -> list[tuple[str, object]]:
                   f"{f(s['health_p50_ms'])} / {f(s['health_p99_ms'])} / {f(s['health_max_ms'])} ms "
                   f"({s['health_probes']:,} probes)"),
                  ("/health over 100 ms; not 200", f"{s['health_over_100ms']}; {s['health_not_200']}"),
+                 ("  of those, the prober itself waiting for a CPU for half or more",
+                  s["health_over_100ms_prober_starved"]),
+                 ("/health less the prober's own CPU wait: p99; over 100 ms",
+                  f"{f(s['health_less_prober_wait_p99_ms'])} ms; {s['health_less_prober_wait_over_100ms']}"),
                  ("/health p99 once the users target was reached", f"{f(s['health_p99_after_users_target_ms'])} ms")]
+    if s.get("loop_lag_beats"):
+        rows += [("front end's event-loop lag: heartbeats; p99 at most; over 100 ms",
+                  f"{s['loop_lag_beats']:,}; {f(s['loop_lag_p99_at_most_ms'])} ms; {s['loop_lag_over_100ms']}")]
+    if "loop_stalls" in s:
+        rows += [("front end's loop stalls over 100 ms logged; longest",
+                  f"{s['loop_stalls']}; {f(s['loop_stall_max_s'], ' s')}")]
     rows += [("5xx other than 503 from the prompt-list, profiling, /health clients (must be 0)",
               s["new_clients_5xx_other_than_503"]),
              ("other clients' unexpected answers", s["new_clients_failures"])]

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .usage import Tally
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 
 
@@ -47,6 +48,8 @@ class Metrics:
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.expert_evictions = Counter("emo_expert_evictions", "Routed experts evicted from slots for others",
                                         ["engine"], registry=r)
+        self.loop_lag = Histogram("emo_event_loop_lag_seconds", "How late the front end's event loop ran a "
+                                  "timer: the wait any request met at that moment", buckets=LAG_BUCKETS, registry=r)
         self._before_render: list[Callable[[], None]] = []
         self.profiling = Histogram("emo_subset_profiling_seconds", "Seconds to profile and write a subset",
                                    ["method"], buckets=LOAD_BUCKETS, registry=r)

@@ -23,7 +23,7 @@ from ..metrics import Metrics
 from ..plot import Heatmap
 from ..profiler import ProfileError, Scores
 from ..selection import SelectionRequest
-from ..store import SubsetNotFound, SubsetRecord, SubsetState
+from ..store import SubsetRecord, SubsetState
 from ..subset import SubsetSpec, make_subset
 from . import store_calls
 from .jobs import ProfilingJobs
@@ -46,7 +46,6 @@ class SubsetCatalogue(LiveRouting):
 
     metrics: Metrics
     catalogue_sync: CatalogueSync | None
-    catalogue_lock: asyncio.Lock
 
     async def lookup(self, name: str) -> None:
         """Ask a shared store about a subset this replica may hold stale: one it has not seen yet
@@ -175,8 +174,6 @@ class SubsetCatalogue(LiveRouting):
         try:
             await store_calls.claim(self.registry, record)  # 409 when another replica holds the name
             built = await asyncio.to_thread(self.registry.build, spec, save=False, model_dir=staging)
-            if not self.registry.is_current(record):
-                raise SubsetNotFound(f"the subset `{spec.name}` was deleted while it was being created")
             await store_calls.publish(self.registry, record, built, scores.to_json() + "\n" if scores else None)
         except BaseException:
             await self._abandon(record)
@@ -260,7 +257,7 @@ class SubsetCatalogue(LiveRouting):
         and nothing changes), then this replica's job, mask row or engine, files and counters;
         other replicas see it gone at their next poll of a shared store."""
         await self.lookup(name)
-        async with self.catalogue_lock:
+        async with self.registry.changes:
             self.registry.get(name)
             if self.placement.placed(name):
                 self.placement.check_removable(name, force=force)

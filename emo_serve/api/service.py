@@ -45,6 +45,7 @@ from ..subset import SubsetSpec, make_subset
 from ..usage import UsageBook
 from .catalogue import SubsetCatalogue, SubsetUnavailable
 from .jobs import ProfilingJobs
+from .loop_watch import LoopWatch
 from .protocol import (
     EmoModelInfo,
     ModelCard,
@@ -96,9 +97,7 @@ class EmoService(SubsetCatalogue):
         self._base_dir: str | None = None
         self._preloading: asyncio.Task | None = None
         self.catalogue_sync: CatalogueSync | None = None
-        # Held while this replica's subsets change by a delete or by the store's poll, so that one
-        # never undoes the other halfway.
-        self.catalogue_lock = asyncio.Lock()
+        self.loop_watch = LoopWatch(self.metrics.loop_lag)
 
     @property
     def replica_id(self) -> str:
@@ -146,6 +145,7 @@ class EmoService(SubsetCatalogue):
     async def start(self) -> None:
         """Register every servable model with a new engine manager and begin loading the startup
         models (the base if served, preloaded subsets) in the background."""
+        self.loop_watch.start()
         if not self._prepared:
             await asyncio.to_thread(self.prepare)
         s = self.settings
@@ -323,6 +323,7 @@ class EmoService(SubsetCatalogue):
             await self.engines.shutdown(self.settings.drain_timeout)
         if hasattr(self, "registry"):
             self.registry.catalog.close()
+        await self.loop_watch.stop()
 
     def kill_engines(self) -> None:
         """Synchronous last resort at interpreter exit: SIGKILL any engine still running."""

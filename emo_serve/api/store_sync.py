@@ -30,7 +30,6 @@ class Replica(Protocol):
     """What `CatalogueSync` needs of the service."""
 
     registry: SubsetStore
-    catalogue_lock: asyncio.Lock
 
     async def forget_subset(self, name: str, *, force: bool = True) -> None: ...
 
@@ -87,7 +86,7 @@ class CatalogueSync:
             log.info("the store is reachable again")
             self.down = False
         rows = {e.name: e for e in listing}
-        async with self.service.catalogue_lock:
+        async with self.service.registry.changes:
             for name, entry in rows.items():
                 if self._stale(registry.records.get(name), entry):
                     await self._take(name)
@@ -121,7 +120,7 @@ class CatalogueSync:
         now = time.monotonic()
         if now - self._unknown.get(name, -UNKNOWN_TTL_S) < UNKNOWN_TTL_S:
             return
-        async with self.service.catalogue_lock:
+        async with self.service.registry.changes:
             if not self.stale(name):
                 return
             if not await self._take(name) or self.stale(name):
