@@ -82,7 +82,7 @@ class LoopWatch:
         at_beat = times()
         while not self._stop.wait(self.interval):
             beat = self._beat
-            if time.monotonic() - beat < self.stall:
+            if time.monotonic() - beat < self.interval + self.stall:  # the beat's own sleep aside
                 at_beat = times()  # within one tick of the last beat
                 continue
             frame = sys._current_frames().get(loop_thread)
