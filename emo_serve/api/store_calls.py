@@ -53,8 +53,9 @@ async def mark_failed(store: SubsetStore, record: SubsetRecord, error: str) -> N
 
 async def publish(store: SubsetStore, record: SubsetRecord, built: SubsetRecord, scores: str | None) -> None:
     """Make a profiling `record` ready with what `build` staged for it: its materialized dir, then
-    its manifest (and scores) in the catalog in one write, then the record. A database refuses a
-    claim that a delete ended meanwhile (404)."""
+    its manifest (and scores) in the catalog in one write, then the record. A subset deleted
+    meanwhile is a 404 and nothing of it is written: here (a delete on this server holds the same
+    lock) or by a database (a delete on another replica ended the claim)."""
     assert built.spec is not None
     spec = built.spec
     async with store.changes:

@@ -62,8 +62,6 @@ class Catalog(ABC):
 
     #: Other servers write it too: the server polls it and looks up names it does not know.
     shared: bool = False
-    #: Its calls wait on a network: the server makes them off the event loop.
-    remote: bool = False
 
     # -- subsets -------------------------------------------------------------------------------
     @abstractmethod

@@ -76,7 +76,6 @@ def redact(url: str) -> str:
 
 class PostgresCatalog(Catalog):
     shared = True
-    remote = True
 
     def __init__(self, url: str, *, base: str, replica: str) -> None:
         self.url, self.base, self.replica = url, base, replica
