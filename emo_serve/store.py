@@ -11,7 +11,6 @@ running that in the background is the API's (`api/jobs.py`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import time
@@ -84,11 +83,6 @@ class SubsetStore:
         self.materialized_dir = state_dir / "materialized"
         self.materialized_dir.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, SubsetRecord] = {}
-        # Held while subsets change by a publish, a delete or a shared store's poll. Their catalog
-        # calls and file writes run off the event loop (`api/store_calls`), so without it a delete
-        # could land between a publish's check that its record is current and its writes, and one
-        # change could undo another halfway.
-        self.changes = asyncio.Lock()
         self._sweep(state_dir)
 
     @staticmethod

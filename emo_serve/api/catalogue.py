@@ -257,7 +257,7 @@ class SubsetCatalogue(LiveRouting):
         and nothing changes), then this replica's job, mask row or engine, files and counters;
         other replicas see it gone at their next poll of a shared store."""
         await self.lookup(name)
-        async with self.registry.changes:
+        async with store_calls.changes(self.registry):
             self.registry.get(name)
             if self.placement.placed(name):
                 self.placement.check_removable(name, force=force)

@@ -5,13 +5,14 @@ order that loses nothing when one of them fails.
 Catalog calls run on a thread, for a state dir too: its writes are fsynced, and an fsync waits for
 the disk (0.25-0.8 s measured in `bench/soak.py` while profiling jobs wrote beside it), which on
 the event loop held every request and stream that long. A publish and a delete of the same name
-would then interleave, so both hold the store's `changes` lock: a publish checks that its record is
-still current and writes with nothing in between.
+would then interleave, so both hold the store's lock (`changes`): a publish checks that its record
+is still current and writes with nothing in between.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -19,6 +20,19 @@ from ..catalog import SubsetNotFound
 from ..store import SubsetRecord, SubsetStore
 
 T = TypeVar("T")
+
+_LOCKS: weakref.WeakKeyDictionary[SubsetStore, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def changes(store: SubsetStore) -> asyncio.Lock:
+    """Held while `store`'s subsets change by a publish, a delete or a shared store's poll: their
+    catalog calls and file writes run off the event loop, so without it a delete could land
+    between a publish's check that its record is current and its writes, and one change could
+    undo another halfway. (The store itself runs no jobs and knows no event loop.)"""
+    lock = _LOCKS.get(store)
+    if lock is None:
+        lock = _LOCKS[store] = asyncio.Lock()
+    return lock
 
 
 async def call(store: SubsetStore, work: Callable[..., T], *args: object) -> T:
@@ -58,7 +72,7 @@ async def publish(store: SubsetStore, record: SubsetRecord, built: SubsetRecord,
     lock) or by a database (a delete on another replica ended the claim)."""
     assert built.spec is not None
     spec = built.spec
-    async with store.changes:
+    async with changes(store):
         if not store.is_current(record):  # deleted meanwhile: nothing of it is written
             raise SubsetNotFound(f"the subset `{record.name}` was deleted while it was being created")
 

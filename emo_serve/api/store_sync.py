@@ -22,6 +22,7 @@ from typing import Protocol
 from ..catalog import Entry
 from ..errors import Unavailable
 from ..store import SubsetRecord, SubsetState, SubsetStore
+from . import store_calls
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class CatalogueSync:
             log.info("the store is reachable again")
             self.down = False
         rows = {e.name: e for e in listing}
-        async with self.service.registry.changes:
+        async with store_calls.changes(self.service.registry):
             for name, entry in rows.items():
                 if self._stale(registry.records.get(name), entry):
                     await self._take(name)
@@ -120,7 +121,7 @@ class CatalogueSync:
         now = time.monotonic()
         if now - self._unknown.get(name, -UNKNOWN_TTL_S) < UNKNOWN_TTL_S:
             return
-        async with self.service.registry.changes:
+        async with store_calls.changes(self.service.registry):
             if not self.stale(name):
                 return
             if not await self._take(name) or self.stale(name):

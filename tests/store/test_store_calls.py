@@ -76,7 +76,7 @@ async def entered(disk: HeldDisk) -> None:
 
 async def delete(store: SubsetStore, name: str) -> None:
     """What `SubsetCatalogue.delete_subset` does to the store (its engine side aside)."""
-    async with store.changes:
+    async with store_calls.changes(store):
         await store_calls.call(store, store.catalog.delete, name)
         store.forget(name)
 
