@@ -6,13 +6,15 @@ Server-level runs (bench/bench_routing.py) compare two engines started apart; on
 machine two starts of the same 14B-shape engine differ by +-20 % in decode tokens/s, far more
 than the 3 % the capture may cost. Here one vLLM engine (offline `LLM`, the server's settings:
 `--enforce-eager`, the plugin's masks and capture on) decodes the same greedy requests with
-capture switched on and off between requests, ON/OFF pairs in alternating order: off means the
-MoE blocks no longer record and tally (the forward is eager, so that holds from the next step:
-the same forward as `--no-routing-capture`) and the step inputs no longer write tally keys. Batch 1 and 16 (16 prompts in one `generate`), `max_tokens`
-64, `ignore_eos`. Reported per model and batch: median tokens/s each way and the median of the
-per-pair ON/OFF ratios (target >= 0.97); and the same for the worker's decode step time
-(`execute_model`, which runs the step-inputs fill too), per pair and pooled over every decode step
-of each side. On this 2-core VM (vCPUs with steal time) a batch-1 run's tokens/s swings by
+capture switched between requests, in rounds of rotating order: off (the MoE blocks no longer
+record and tally, and the step inputs no longer write tally keys: the forward is eager, so that
+holds from the next step, the same forward as `--no-routing-capture`); on with each step tallied
+in its own forward (as on a GPU); on with steps tallied together every `CPU_TALLY_TOKENS` tokens
+(what a CPU engine does). Batch 1 and 16 (16 prompts in one `generate`), `max_tokens` 64,
+`ignore_eos`. Reported per model, batch and capture side: median tokens/s, the median of the
+per-round ratios to OFF (target >= 0.97), and the worker's decode step time (`execute_model`,
+which runs the step-inputs fill too), per round and pooled over every decode step of each side.
+On this 2-core VM (vCPUs with steal time) a batch-1 run's tokens/s swings by
 +-20 % from one run to the next; many short pairs, interleaved, and the medians of all their
 steps resolve a few per cent where one long run each way cannot; their 10th percentiles too,
 as noise on a VM only ever adds time to a step.
@@ -30,10 +32,16 @@ import sys
 import time
 from typing import Any
 
+# Sides of the comparison: capture off; on, each step tallied in its forward; on, steps tallied
+# together every CPU_TALLY_TOKENS tokens (what a CPU engine does).
+MODES = ("off", "on, per step", "on, buffered")
 
-def switch(worker: Any, on: bool) -> bool:
-    """On the worker: capture on or off (the MoE blocks' tally, the step inputs' tally keys)."""
+
+def switch(worker: Any, mode: str) -> str:
+    """On the worker: capture off or on (the MoE blocks' tally, the step inputs' tally keys), and
+    on, whether steps are tallied one by one or buffered."""
     import emo_vllm.usage as usage
+    from emo_vllm.routing_ops import CPU_TALLY_TOKENS
     from emo_vllm.step_inputs import step_inputs_of
 
     inputs = step_inputs_of(worker.model_runner.get_model())
@@ -42,10 +50,13 @@ def switch(worker: Any, on: bool) -> bool:
     if saved is None:
         saved = usage._bench_saved = (usage._USAGE, inputs.keys)
     tallies, keys = saved
+    on = mode != "off"
     for block in tallies.blocks.values():  # eager forward: the tally runs or not, step by step
         block.routing_usage = tallies if on else None
     inputs.keys = keys if on else None
-    return on
+    tallies.tally.flush()
+    tallies.tally.buffer_tokens = CPU_TALLY_TOKENS if mode == "on, buffered" else 0
+    return mode
 
 
 def step_times(worker: Any, reset: bool) -> list[float]:
@@ -72,7 +83,7 @@ def step_times(worker: Any, reset: bool) -> list[float]:
     return out
 
 
-def measure(model: str, dtype: str, pairs: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
+def measure(model: str, dtype: str, pairs: int, max_tokens: int) -> dict[str, dict[str, dict[str, list[float]]]]:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype=dtype, max_model_len=512, enforce_eager=True, seed=0,
@@ -84,32 +95,26 @@ def measure(model: str, dtype: str, pairs: int, max_tokens: int) -> dict[str, di
     prompts = [f"Request {i}: the court held that the" for i in range(16)]
     llm.generate(prompts, params)  # warm-up
     llm.collective_rpc(step_times, args=(True,))
-    out: dict[str, dict[str, list[float]]] = {}
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
     for batch in (1, 16):
-        runs: dict[str, list[float]] = {"on": [], "off": [], "ratio": [], "step_on": [], "step_off": [],
-                                        "step_ratio": [], "steps_on": [], "steps_off": []}
+        runs: dict[str, dict[str, list[float]]] = {m: {"speed": [], "step": [], "steps": []} for m in MODES}
         for pair in range(pairs):
-            speed, step = {}, {}
-            for on in ((True, False) if pair % 2 == 0 else (False, True)):
-                llm.collective_rpc(switch, args=(on,))
+            order = MODES[pair % len(MODES):] + MODES[:pair % len(MODES)]
+            for mode in order:
+                llm.collective_rpc(switch, args=(mode,))
                 llm.collective_rpc(step_times, args=(True,))
                 t0 = time.perf_counter()
                 llm.generate(prompts[:batch], params, use_tqdm=False)
-                speed[on] = batch * max_tokens / (time.perf_counter() - t0)
+                runs[mode]["speed"].append(batch * max_tokens / (time.perf_counter() - t0))
                 # decode steps only: the first step of a generate is its prefill
                 steps = llm.collective_rpc(step_times, args=(True,))[0][1:]
-                runs["steps_on" if on else "steps_off"] += steps
-                step[on] = statistics.median(steps) * 1e3
-            runs["on"].append(speed[True])
-            runs["off"].append(speed[False])
-            runs["ratio"].append(speed[True] / speed[False])
-            runs["step_on"].append(step[True])
-            runs["step_off"].append(step[False])
-            runs["step_ratio"].append(step[False] / step[True])  # as a speed ratio: ON/OFF
-            print(f"  {os.path.basename(model)} batch {batch} pair {pair}: on {speed[True]:.1f} off {speed[False]:.1f} "
-                  f"tokens/s; decode step on {step[True]:.3f} off {step[False]:.3f} ms", flush=True)
+                runs[mode]["steps"] += steps
+                runs[mode]["step"].append(statistics.median(steps) * 1e3)
+            print(f"  {os.path.basename(model)} batch {batch} round {pair}: " + "; ".join(
+                f"{m} {runs[m]['speed'][-1]:.1f} tokens/s, step {runs[m]['step'][-1]:.3f} ms" for m in MODES),
+                flush=True)
         out[str(batch)] = runs
-    llm.collective_rpc(switch, args=(True,))
+    llm.collective_rpc(switch, args=("on, buffered",))
     return out
 
 
@@ -130,23 +135,29 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"load average at start {os.getloadavg()}", flush=True)
     results = {m: measure(m, args.dtype, args.pairs, args.max_tokens) for m in args.model}
-    print(f"\nDecode tokens/s, capture ON vs OFF in one engine, {args.pairs} alternating pairs per cell, "
-          f"{args.max_tokens} tokens per request: median (min-max)")
-    print("| model | batch | capture ON tokens/s | capture OFF tokens/s | ON/OFF (median of pairs) "
-          "| decode step ON (ms) | decode step OFF (ms) | step speed ON/OFF (median of pairs) "
-          "| step speed ON/OFF (all steps' medians) | step speed ON/OFF (all steps' 10th percentiles) |")
+    print(f"\nDecode tokens/s in one engine, capture off and on (each step tallied alone, or steps "
+          f"tallied together), {args.pairs} rounds per cell in rotating order, {args.max_tokens} tokens per "
+          "request: median (min-max); ratios are the capture side's speed over OFF's")
+    print("| model | batch | capture | tokens/s | OFF tokens/s | ON/OFF (median of rounds) "
+          "| decode step (ms) | decode step OFF (ms) | step speed ON/OFF (all steps' medians) "
+          "| (all steps' 10th percentiles) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(xs: list[float], fmt: str = ".1f") -> str:
+        return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}-{max(xs):{fmt}})"
+
     for model, cells in results.items():
         for batch, runs in cells.items():
-            def cell(xs: list[float], fmt: str = ".1f") -> str:
-                return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}-{max(xs):{fmt}})"
-            print(f"| {os.path.basename(model.rstrip('/'))} | {batch} | {cell(runs['on'])} | {cell(runs['off'])} | "
-                  f"{cell(runs['ratio'], '.3f')} | {cell(runs['step_on'], '.3f')} | {cell(runs['step_off'], '.3f')} | "
-                  f"{cell(runs['step_ratio'], '.3f')} | "
-                  f"{statistics.median(runs['steps_off']) / statistics.median(runs['steps_on']):.3f} "
-                  f"({len(runs['steps_on'])} / {len(runs['steps_off'])} steps) | "
-                  f"{p10(runs['steps_off']) / p10(runs['steps_on']):.3f} ({p10(runs['steps_on']) * 1e3:.3f} / "
-                  f"{p10(runs['steps_off']) * 1e3:.3f} ms) |")
+            off = runs["off"]
+            for mode in MODES[1:]:
+                on = runs[mode]
+                ratios = [a / b for a, b in zip(on["speed"], off["speed"], strict=True)]
+                print(f"| {os.path.basename(model.rstrip('/'))} | {batch} | {mode} | {cell(on['speed'])} | "
+                      f"{cell(off['speed'])} | {cell(ratios, '.3f')} | {cell(on['step'], '.3f')} | "
+                      f"{cell(off['step'], '.3f')} | "
+                      f"{statistics.median(off['steps']) / statistics.median(on['steps']):.3f} | "
+                      f"{p10(off['steps']) / p10(on['steps']):.3f} ({p10(on['steps']) * 1e3:.3f} / "
+                      f"{p10(off['steps']) * 1e3:.3f} ms) |")
     print(f"\nload average at end {os.getloadavg()}")
     sys.stdout.flush()
 

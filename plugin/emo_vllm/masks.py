@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .step_inputs import ROW_ARG, attach_step_inputs
+from .usage import flush_tallies
 
 # vLLM's `--additional-config` key that turns masks on and sizes the table (rows incl. row 0).
 SLOTS_CONFIG = "emo_subset_slots"
@@ -80,6 +81,7 @@ class MaskControl:
         if not 0 < slot < masks.slots:
             raise ValueError(f"mask row {slot} is outside 1..{masks.slots - 1}")
         keep: dict[str, Sequence[int]] = json.loads(kept)
+        flush_tallies()  # buffered steps were routed under the row as it was
         for layer, table in tables.items():
             ids = keep.get(str(layer))
             table[slot].zero_()
@@ -94,6 +96,7 @@ class MaskControl:
         """Forget mask row `row`: the row is zeroed and requests naming it route unmasked."""
         masks, tables = masks_of(self.model_runner.get_model())
         slot = int(row)
+        flush_tallies()
         for table in tables.values():
             table[slot].zero_()
         key = masks.installed.pop(slot, None)

@@ -3,7 +3,9 @@
 With `--additional-config '{"emo_usage": true}'` every MoE layer hands its router logits to the
 step's tally (`routing_ops.RoutingTally`: mass, counts and drift per tally key, layer and
 expert), which adds the step up inside the forward, as tensor work on persistent buffers: the
-same on vLLM's CPU runner, traced by torch.compile, and replayed from a CUDA graph. A tally key
+same on vLLM's CPU runner, traced by torch.compile, and replayed from a CUDA graph. A CPU engine
+run eagerly tallies its steps together every `CPU_TALLY_TOKENS` tokens instead (and before a
+drain or a mask row change): there a tally's cost is per op, and decode steps are a few tokens. A tally key
 is a (model, user) pair (the front end's model name and the OpenAI `user`, from `vllm_xargs`);
 `step_inputs` writes each token's key before the forward. Why the top-k weight for drift, rather
 than the whole softmax: the softmax's tail is spread over every expert whatever the text, and on
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 
-from .routing_ops import OUTSIDE_BOUNDS, TRASH_KEY, RoutingTally
+from .routing_ops import CPU_TALLY_TOKENS, OUTSIDE_BOUNDS, TRASH_KEY, RoutingTally
 from .step_inputs import MODEL_ARG, USER_ARG, attach_step_inputs
 
 logger = init_logger("vllm.emo_vllm.usage")
@@ -106,9 +108,11 @@ class RoutingUsage:
         if not self.blocks:
             raise ValueError("routing capture needs MoE layers, and this model (or pipeline stage) has none")
         tables = {i: b.subset_masks for i, b in self.blocks.items() if b.subset_masks is not None}
+        on_cpu = torch.empty(0).device.type == "cpu"  # the device the model is being built on
         self.tally = RoutingTally({i: b.routing for i, b in self.blocks.items()}, max_tokens=self.max_tokens,
                                   keys=self.key_index.capacity, mask_tables=tables or None,
-                                  token_rows=token_rows if tables else None)
+                                  token_rows=token_rows if tables else None,
+                                  buffer_tokens=CPU_TALLY_TOKENS if on_cpu else 0)
         for layer in tables:  # each block's mask table becomes its row of the tally's stacked tables
             self.blocks[layer].subset_masks = self.tally.stacked_table(layer)
         return self.tally
@@ -164,6 +168,13 @@ def enable(max_tokens: int, max_reqs: int) -> RoutingUsage:
     return _USAGE
 
 
+def flush_tallies() -> None:
+    """Tally the steps a CPU engine has buffered (`RoutingTally.flush`); a mask row must not
+    change under them."""
+    if _USAGE is not None and _USAGE.tally is not None:
+        _USAGE.tally.flush()
+
+
 def usage_of_worker() -> RoutingUsage:
     if _USAGE is None:
         raise RuntimeError(f"routing capture is off: start the engine with --additional-config "
@@ -188,4 +199,4 @@ class UsageControl:
 
 
 __all__ = ["MODEL_ARG", "OUTSIDE_BOUNDS", "USAGE_CONFIG", "USER_ARG", "KeyIndex", "RoutingUsage", "UsageControl",
-           "enable"]
+           "enable", "flush_tallies"]

@@ -175,3 +175,54 @@ def test_every_routing_kind_tallies_as_the_reference(routing: LayerRouting) -> N
             assert torch.allclose(out["mass0"][k, layer], full.probs.sum(0), atol=1e-5)
             assert out["counts0"][k, layer].tolist() == (chosen.weights > 0).sum(0).tolist()
         assert int(out["tokens"][k]) == len(mine) == int(out["outside_tokens"][k])
+
+
+def _emo_tallies(buffer_tokens: int) -> tuple[RoutingTally, dict[int, torch.Tensor]]:
+    routing = LayerRouting(num_experts=16, num_shared=1, top_k=4, norm_topk_prob=False)
+    tables = {layer: torch.zeros(3, 16) for layer in range(3)}
+    for t in tables.values():
+        t[1, :8] = float("-inf")
+    token_rows = torch.zeros(8, dtype=torch.long)
+    tally = RoutingTally({i: routing for i in range(3)}, max_tokens=8, keys=4, mask_tables=tables,
+                         token_rows=token_rows, buffer_tokens=buffer_tokens)
+    return tally, {layer: tally.stacked_table(layer) for layer in range(3)}
+
+
+def _run_steps(tally: RoutingTally, tables: dict[int, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Decode-like and prefill-like steps of mixed keys and rows; row 2 is installed halfway, as
+    `emo_set_subset` does it (flushing the buffered steps first)."""
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(40):
+        n = 7 if i % 9 == 0 else 1 + i % 3
+        assert tally.token_rows is not None
+        tally.token_keys[:n] = torch.randint(0, 4, (n,), generator=gen)
+        tally.token_rows[:n] = torch.randint(0, 3, (n,), generator=gen)
+        for layer in range(3):
+            tally.record(layer, torch.randn(n, 16, generator=gen))
+        if i == 20:
+            tally.flush()
+            for t in tables.values():
+                t[2, 4:12] = float("-inf")
+    return tally.take([1, 2, 3])
+
+
+def test_buffered_steps_tally_as_step_by_step() -> None:
+    """On a CPU steps are tallied together (every `buffer_tokens` tokens, when the next step
+    would not fit, before a read): the same mass, counts and drift as tallying each step alone."""
+    per_step = _run_steps(*_emo_tallies(0), seed=3)
+    buffered_tally, tables = _emo_tallies(5)
+    buffered = _run_steps(buffered_tally, tables, seed=3)
+    assert buffered_tally.buffered == 0  # the read tallied what was left
+    for name, want in per_step.items():
+        assert torch.allclose(buffered[name].double(), want.double(), atol=1e-5), name
+    assert int(per_step["tokens"].sum()) > 0 and int(per_step["counts0"].sum()) > 0
+
+
+def test_a_buffered_step_nobody_prepared_is_not_counted() -> None:
+    tally, _ = _emo_tallies(64)
+    tally.token_keys[:2] = torch.tensor([1, 1])
+    for layer in range(3):
+        tally.record(layer, torch.randn(2, 16))
+    for layer in range(3):  # a dummy run: its keys were reset to the trash key
+        tally.record(layer, torch.randn(3, 16))
+    assert tally.take([1])["tokens"].tolist() == [2]
