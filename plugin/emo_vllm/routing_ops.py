@@ -251,7 +251,9 @@ class RoutingTally:
         if layer == self._first:
             self._step_buffered = bool(self.buffer_tokens) and not torch.compiler.is_compiling() and not (
                 self._cuda and torch.cuda.is_current_stream_capturing())
-            if self._step_buffered and self.buffered + n > self.max_tokens:
+            # A step tallied alone writes its logits first in the buffers: the buffered steps'
+            # go first (a forward compiled after eager ones, say).
+            if self.buffered and (not self._step_buffered or self.buffered + n > self.max_tokens):
                 self.flush()
         start = self.buffered if self._step_buffered else 0
         group.logits[start:start + n, j].copy_(router_logits[:, : group.width])

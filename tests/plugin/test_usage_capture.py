@@ -226,3 +226,23 @@ def test_a_buffered_step_nobody_prepared_is_not_counted() -> None:
     for layer in range(3):  # a dummy run: its keys were reset to the trash key
         tally.record(layer, torch.randn(3, 16))
     assert tally.take([1])["tokens"].tolist() == [2]
+
+
+def test_a_step_tallied_alone_after_buffered_ones_loses_none_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward traced by torch.compile tallies its step alone: steps buffered by eager forwards
+    before it are tallied first, not overwritten."""
+    per_step, _ = _emo_tallies(0)
+    buffered, _ = _emo_tallies(64)
+    gen = torch.Generator().manual_seed(5)
+    steps = [(torch.randint(1, 4, (n,), generator=gen), [torch.randn(n, 16, generator=gen) for _ in range(3)])
+             for n in (2, 3, 1)]
+    for k, (keys, logits) in enumerate(steps):
+        if k == 2:  # the last step as if traced: compiled forwards tally step by step
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        for tally in (per_step, buffered):
+            tally.token_keys[: len(keys)] = keys
+            for layer, x in enumerate(logits):
+                tally.record(layer, x)
+    want, got = per_step.take([1, 2, 3]), buffered.take([1, 2, 3])
+    for name in want:
+        assert torch.allclose(got[name].double(), want[name].double(), atol=1e-5), name
