@@ -173,6 +173,50 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+# glibc maps each thread arena's heap at a multiple of HEAP_MAX_SIZE (64 MiB on 64-bit), of which
+# the used part is read-write and the rest reserved (`---p`).
+ARENA_ALIGN = 64 << 20
+
+
+def memory_parts(pid: int) -> dict[str, float] | None:
+    """Where the process's RSS lies (MB), from /proc/PID/smaps: glibc's main heap (`[heap]`), its
+    per-thread arenas (anonymous read-write mappings at a 64 MiB boundary), other anonymous memory (large mallocs,
+    thread stacks, numpy buffers), and file-backed pages (libraries); and its thread count. What
+    grows tells an allocator that spreads over more arenas apart from objects that pile up."""
+    parts = {"heap_mb": 0.0, "arenas_mb": 0.0, "arenas": 0.0, "other_anon_mb": 0.0, "files_mb": 0.0}
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+    name, arena = "", False
+    for line in text.splitlines():
+        head, _, rest = line.partition(" ")
+        if "-" in head and not head.endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            fields = line.split(None, 5)
+            name = fields[5].strip() if len(fields) == 6 else ""
+            start, end = (int(x, 16) for x in head.split("-"))
+            arena = not name and fields[1].startswith("rw") and start % ARENA_ALIGN == 0 and end - start <= ARENA_ALIGN
+            parts["arenas"] += arena
+        elif head == "Rss:":
+            mb = int(rest.split()[0]) / 1024
+            if name == "[heap]":
+                parts["heap_mb"] += mb
+            elif not name or name.startswith("[anon"):
+                parts["arenas_mb" if arena else "other_anon_mb"] += mb
+            else:
+                parts["files_mb"] += mb
+    return {**{k: round(v, 1) for k, v in parts.items()}, "threads": threads}
+
+
+def memory_change(first: dict | None, last: dict | None) -> str:
+    if not first or not last:
+        return "-"
+    mb = ", ".join(f"{first[k]:.0f} → {last[k]:.0f}" for k in ("heap_mb", "arenas_mb", "other_anon_mb", "files_mb"))
+    return (f"{mb} MB; {first['arenas']:.0f} → {last['arenas']:.0f} arenas; "
+            f"{first['threads']} → {last['threads']} threads")
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
@@ -787,7 +831,8 @@ async def sampler(c: httpx.AsyncClient, st: State) -> None:
             st.lag = loop_lag_buckets((await c.get("/metrics")).text) or st.lag
         except httpx.HTTPError:
             pass  # the last scrape stands
-        s = {"t": round(st.elapsed(), 1), "at": now(), "rss_mb": rss_mb(st.server_pid), "processes": len(below),
+        s = {"t": round(st.elapsed(), 1), "at": now(), "rss_mb": rss_mb(st.server_pid),
+             "memory": memory_parts(st.server_pid), "processes": len(below),
              "orphans": sorted(orphans), "load1": os.getloadavg()[0], "requests": len(st.requests),
              "users_sent": st.users_sent, "usage_mb": usage_mb(st.state_dir), "engines": eng}
         st.samples.append(s)
@@ -994,6 +1039,9 @@ def summarize(st: State, args: argparse.Namespace, run: dict, stop_info: dict, c
         # Growth that settles (allocator arenas, caches filling to their caps) shows in the first
         # half only; a leak shows in both.
         "rss_slope_second_half_mb_per_min": slope_mb_per_min(warm[len(warm) // 2:]),
+        # Where the RSS after minute 1 went: the parts at minute 1 and at the last sample.
+        "memory_after_warmup": warm[0].get("memory") if warm else None,
+        "memory_end": warm[-1].get("memory") if warm else None,
         "processes_under_server": sorted(Counter(s["processes"] for s in st.samples).items()),
         "load1_median": statistics.median(s["load1"] for s in st.samples) if st.samples else None,
         "engine_starts": base.get("starts"), "engine_restarts": (base.get("starts") or 1) - 1,
@@ -1105,6 +1153,8 @@ def table(s: dict) -> str:
          f"{f(s['rss_mb_start'])} / {f(s['rss_mb_after_warmup'])} / {f(s['rss_mb_end'])} ({f(s['rss_mb_max'])}) MB"),
         ("front-end RSS slope after minute 1; over its second half",
          f"{f(s['rss_slope_after_warmup_mb_per_min'])}; {f(s['rss_slope_second_half_mb_per_min'])} MB/min"),
+        ("front-end memory minute 1 → end (main heap, thread arenas, other anonymous, files; threads)",
+         memory_change(s["memory_after_warmup"], s["memory_end"])),
         ("routing counters (state dir usage/) end (max)", f"{f(s['usage_mb_end'])} ({f(s['usage_mb_max'])}) MB"),
         ("engine starts / restarts / crashes",
          f"{s['engine_starts']} / {s['engine_restarts']} / {s['engine_crashes']}"),
