@@ -86,7 +86,8 @@ class LoopWatch:
                 at_beat = times()  # within one tick of the last beat
                 continue
             frame = sys._current_frames().get(loop_thread)
-            where = traceback.format_stack(frame)[-STACK_FRAMES:] if frame is not None else []
+            # `limit`: only the innermost frames' source lines are read (and kept in linecache)
+            where = traceback.format_stack(frame, limit=STACK_FRAMES) if frame is not None else []
             del frame
             while self._beat == beat and not self._stop.wait(self.interval / 5):
                 pass
