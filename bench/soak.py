@@ -1222,9 +1222,9 @@ def client_rows(s: dict, f) -> list[tuple[str, object]]:
     return rows
 
 
-def start_server(out: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
+def start_server(out: Path, port: int, extra: list[str]) -> tuple[subprocess.Popen, list[str]]:
     state = out / "state"
-    cmd = [*CLI, "serve", "--port", str(port), "--state-dir", str(state), *SERVER_ARGS]
+    cmd = [*CLI, "serve", "--port", str(port), "--state-dir", str(state), *SERVER_ARGS, *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMO_")}
     env["HF_HUB_OFFLINE"] = "1"
     with open(out / "server.log", "ab") as logf:
@@ -1300,6 +1300,8 @@ def main() -> int:
     ap.add_argument("--health-probe", action=on, default=True, help="time GET /health every --health-every s")
     ap.add_argument("--health-every", type=float, default=0.2)
     ap.add_argument("--out", type=Path, default=None, help="results dir (default: a new /tmp/emo-soak-*)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="one more `emo-serve serve` argument, e.g. --server-arg=--routing-retention=60 (repeatable)")
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="emo-soak-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -1308,7 +1310,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     shm_before = set(os.listdir("/dev/shm")) if Path("/dev/shm").is_dir() else set()
-    proc, server_cmd = start_server(out, port)
+    proc, server_cmd = start_server(out, port, args.server_arg)
     print(f"[{now()}] results in {out}; server pid {proc.pid}: {' '.join(server_cmd[3:])}", flush=True)
     st = State(url, proc.pid, state_dir=out / "state", out=out)
     stop_info: dict = {}
