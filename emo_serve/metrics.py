@@ -48,6 +48,9 @@ class Metrics:
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.expert_evictions = Counter("emo_expert_evictions", "Routed experts evicted from slots for others",
                                         ["engine"], registry=r)
+        self.routing_drains = Counter("emo_routing_drains", "Routing-counter collections per engine: drained, "
+                                      "idle (nothing served since the last drain: skipped) or failed",
+                                      ["engine", "outcome"], registry=r)
         self.loop_lag = Histogram("emo_event_loop_lag_seconds", "How late the front end's event loop ran a "
                                   "timer: the wait any request met at that moment", buckets=LAG_BUCKETS, registry=r)
         self._before_render: list[Callable[[], None]] = []

@@ -166,7 +166,8 @@ class EmoService(SubsetCatalogue):
                              bucket=max(10.0, s.routing_interval), max_users=s.routing_max_users)
             self.routing = RoutingCollector(book, self.engines, self.placement, interval=s.routing_interval,
                                             save_interval=s.routing_save_interval,
-                                            catalog=self.registry.catalog, incarnation=self._incarnation)
+                                            catalog=self.registry.catalog, incarnation=self._incarnation,
+                                            on_drain=lambda e, how: self.metrics.routing_drains.labels(e, how).inc())
             await asyncio.to_thread(self.routing.load, [self.base_id, *self.registry.records])
             self.metrics.routing_source(lambda: [(m, u.total) for m, u in book.models.items()])
             self.routing.start()

@@ -12,11 +12,13 @@ import json
 import math
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from api_harness import ADMIN_KEY, API_KEY, CLI, Server, assert_error
 from emo_serve.default_model import shipped_default_model
@@ -105,6 +107,39 @@ def test_every_token_is_attributed_to_its_model_and_user(admin: httpx.Client) ->
     assert routing(admin, BASE, user="tenant-spoof")["tokens"] == expected
     assert routing(admin, BASE)["tokens"] == before + expected
     assert_error(admin.get(f"/v1/models/{BASE}/routing", params={"user": "another-user"}), 400, param="user")
+
+
+def drains(admin: httpx.Client) -> dict[str, float]:
+    """`emo_routing_drains_total` of the server, by outcome (summed over engines)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{admin.base_url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "emo_routing_drains_total":
+                out[sample.labels["outcome"]] = out.get(sample.labels["outcome"], 0.0) + sample.value
+    return out
+
+
+def wait_for_drains(admin: httpx.Client, outcome: str, more_than: float, *, timeout: float = 60.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while (seen := drains(admin)).get(outcome, 0.0) <= more_than:
+        assert time.monotonic() < deadline, f"no `{outcome}` routing collection after {timeout:.0f} s: {seen}"
+        time.sleep(0.2)
+    return seen
+
+
+def test_an_idle_engine_is_not_drained_and_loses_nothing(admin: httpx.Client) -> None:
+    """Once an engine has served nothing since its last drain, the 1 s collector skips it (each
+    drain wakes vLLM's worker, which then busy-polls for a second), and the next request's
+    tokens are still counted."""
+    complete(admin, BASE, "warm", user="idle-probe")
+    idle = wait_for_drains(admin, "idle", drains(admin).get("idle", 0.0))
+    after = wait_for_drains(admin, "idle", idle["idle"] + 2)  # three more passes, nothing served
+    assert after.get("drained", 0.0) == idle.get("drained", 0.0), (idle, after)
+    before = routing(admin, BASE, user="idle-probe")["tokens"]
+    out = complete(admin, BASE, "Once upon a time", max_tokens=3, user="idle-probe")
+    expected = out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] - 1
+    assert routing(admin, BASE, user="idle-probe")["tokens"] == before + expected
+    assert drains(admin)["drained"] > after.get("drained", 0.0)
 
 
 # -- engine-side profiling ---------------------------------------------------------------------------
