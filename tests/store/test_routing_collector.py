@@ -33,17 +33,27 @@ def entry(key: str, user: str = "", n: int = 1) -> dict[str, Any]:
 
 
 class Engine:
-    """An engine's drain control call: what was counted since the last one."""
+    """An engine's drain control call: what was counted since the last one. Giving it counts
+    (`pending`) is serving a request: it sets `last_used`, as a lease's release does."""
 
     def __init__(self) -> None:
-        self.pending: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []
         self.drains = 0
-        self.state, self.proc = EngineState.READY, self
+        self.state, self.proc, self.pid = EngineState.READY, self, 1000
+        self.inflight, self.last_used = 0, 0.0
+
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        return self._pending
+
+    @pending.setter
+    def pending(self, keys: list[dict[str, Any]]) -> None:
+        self._pending, self.last_used = keys, time.monotonic()
 
     async def rpc(self, method: str, *args: str, timeout: float | None = None) -> list[dict[str, Any]]:
         assert method == "emo_usage_drain"
         self.drains += 1
-        keys, self.pending = self.pending, []
+        keys, self._pending = self._pending, []
         return [{"layers": [0, 2], "bounds": [0.1, 0.5, 1.0], "keys": keys}]
 
 
@@ -62,11 +72,13 @@ def engine() -> Engine:
     return Engine()
 
 
-def collector(engine: Engine, models: Models, state: Path, *, save_interval: float = 60.0) -> RoutingCollector:
+def collector(engine: Engine, models: Models, state: Path, *, save_interval: float = 60.0,
+              outcomes: list[str] | None = None) -> RoutingCollector:
     manager = SimpleNamespace(get=lambda engine_id: engine)
     placement = SimpleNamespace(local_ids=lambda engine_id: None)
     out = RoutingCollector(UsageBook(SHAPE), manager, placement, interval=3600, save_interval=save_interval,  # type: ignore[arg-type]
-                           catalog=DirectoryCatalog(state), incarnation=models.now.get)
+                           catalog=DirectoryCatalog(state), incarnation=models.now.get,
+                           on_drain=None if outcomes is None else lambda _, how: outcomes.append(how))
     out.attached.add("engine")
     return out
 
@@ -189,6 +201,7 @@ def test_a_read_collects_only_when_the_last_collection_is_old(engine: Engine, tm
     asyncio.run(polls(5))   # a client polling in a loop
     assert engine.drains == 1
     c.collected_at -= 2
+    engine.pending = [entry(usage_key("base", "b"))]  # the engine served a request meanwhile
     asyncio.run(polls(1))
     assert engine.drains == 2
 
@@ -215,3 +228,51 @@ def test_a_read_waits_a_bounded_time_for_a_stalled_engine(engine: Engine, tmp_pa
 
     waited, during, after = asyncio.run(scenario())
     assert waited < 0.5 and during == 0 and after == 4
+
+
+def test_an_engine_that_served_nothing_since_its_last_drain_is_skipped(engine: Engine, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each drain wakes vLLM's CPU worker (a second of busy-polling), so an engine is drained only
+    when it may have counted something: a request in flight, one ended since (within the grace
+    for a step after an abort), or a new process. Shutdown drains every engine."""
+    import emo_serve.api.routing as routing
+
+    monkeypatch.setattr(routing, "IDLE_GRACE_SECONDS", 0.0)
+    outcomes: list[str] = []
+    c = collector(engine, Models(base="b"), tmp_path, outcomes=outcomes)
+
+    async def scenario() -> None:
+        engine.pending = [entry(usage_key("base", "b"), "u", 2)]
+        await c.collect()                      # served since (never drained): drained
+        await c.collect()                      # nothing since: skipped
+        engine.inflight = 1
+        await c.collect()                      # a request in flight: drained
+        engine.inflight = 0
+        await c.collect()                      # it ended before that drain began: skipped
+        engine.pending = [entry(usage_key("base", "b"), "u", 3)]
+        await c.collect(max_age=0.0)           # a read's fresh collection after a request
+        engine.pid = 1001                      # restarted: a new process is drained once
+        await c.collect()
+        await c.collect()
+        await c.stop()                         # shutdown: drained whatever it did
+
+    asyncio.run(scenario())
+    assert outcomes == ["drained", "idle", "drained", "idle", "drained", "drained", "idle", "drained"]
+    assert engine.drains == 5 and seen(c, "base") == 5
+
+
+def test_a_request_that_ends_within_the_grace_keeps_the_engine_drained(engine: Engine, tmp_path: Path) -> None:
+    """A request aborted by its client may run one more step after its lease is released: an
+    engine whose last request ended less than `IDLE_GRACE_SECONDS` before a drain began is drained
+    again at the next pass."""
+    outcomes: list[str] = []
+    c = collector(engine, Models(base="b"), tmp_path, outcomes=outcomes)
+
+    async def scenario() -> None:
+        engine.pending = [entry(usage_key("base", "b"), "u", 1)]
+        await c.collect()
+        engine._pending = [entry(usage_key("base", "b"), "u", 1)]  # that request's last step, after it
+        await c.collect()
+
+    asyncio.run(scenario())
+    assert outcomes == ["drained", "drained"] and seen(c, "base") == 2
