@@ -4,7 +4,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_stream.py --model emo_serve/data/models/emo-demo
 
 Servers run one at a time, in this order (the bracket: the two vLLM runs measure the drift of the
-machine over the run):
+machine over the run), or with `--rounds N` all up at once, idle but the one loaded, in N rounds
+of every load on each in turn (see `interleave`):
 
   vLLM            `python -m vllm.entrypoints.openai.api_server` on the model directory (TCP)
   dedicated       `emo-serve serve --engine-mode dedicated --no-routing-capture` (the base)
@@ -52,6 +53,7 @@ CLI = "import sys; from emo_serve.cli import main; sys.exit(main())"
 ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "512"]
 PROMPT = "def fibonacci(n):\n    "
 SUBSET = "task"
+IDLE_WAIT = 1.5  # seconds between interleaved runs (vLLM's pollers spin 1 s after their last message)
 
 
 @dataclass
@@ -179,26 +181,52 @@ async def load(url: str, model: str, concurrency: int, per_client: int, max_toke
         await client.close()
 
 
+def measure_load(side: Side, args: argparse.Namespace, concurrency: int, stream: bool) -> dict[str, float]:
+    """One load (a concurrency, streamed or not) on one server: its row of figures."""
+    per_client = max(1, args.requests // concurrency) if concurrency > 8 else args.requests
+    pids = side.processes()
+    cpu0 = cpu_by_role(pids)
+    answers, wall = asyncio.run(load(side.url, side.model, concurrency, per_client, args.max_tokens, stream))
+    cpu1 = cpu_by_role(pids)
+    tokens = sum(a.tokens for a in answers)
+    first = [(a.chunks[0] - a.start) * 1e3 for a in answers]
+    gaps = [(b - a) * 1e3 for x in answers for a, b in zip(x.chunks, x.chunks[1:])]
+    row = {"tokens/s": tokens / wall, "TTFT p50 (ms)": pct(first, 50), "TTFT p99 (ms)": pct(first, 99)}
+    if gaps:
+        row |= {"ITL p50 (ms)": pct(gaps, 50), "ITL p99 (ms)": pct(gaps, 99)}
+    for role in sorted(cpu1):
+        row[f"CPU s/1k tok: {role}"] = (cpu1[role] - cpu0.get(role, 0.0)) / tokens * 1e3
+    return row
+
+
+def loads(args: argparse.Namespace) -> list[tuple[int, str]]:
+    return [(c, kind) for c in args.concurrency for kind in ("stream", "plain")]
+
+
 def measure(side: Side, args: argparse.Namespace) -> dict[tuple[int, str], dict[str, float]]:
     out = {}
-    for concurrency in args.concurrency:
-        for stream in (True, False):
-            per_client = max(1, args.requests // concurrency) if concurrency > 8 else args.requests
-            pids = side.processes()
-            cpu0 = cpu_by_role(pids)
-            answers, wall = asyncio.run(load(side.url, side.model, concurrency, per_client, args.max_tokens, stream))
-            cpu1 = cpu_by_role(pids)
-            tokens = sum(a.tokens for a in answers)
-            first = [(a.chunks[0] - a.start) * 1e3 for a in answers]
-            gaps = [(b - a) * 1e3 for x in answers for a, b in zip(x.chunks, x.chunks[1:])]
-            row = {"tokens/s": tokens / wall, "TTFT p50 (ms)": pct(first, 50), "TTFT p99 (ms)": pct(first, 99)}
-            if gaps:
-                row |= {"ITL p50 (ms)": pct(gaps, 50), "ITL p99 (ms)": pct(gaps, 99)}
-            for role in sorted(cpu1):
-                row[f"CPU s/1k tok: {role}"] = (cpu1[role] - cpu0.get(role, 0.0)) / tokens * 1e3
-            out[(concurrency, "stream" if stream else "plain")] = row
-            print(f"  {side.label} c={concurrency} {'stream' if stream else 'plain'}: "
-                  + ", ".join(f"{k}={v:.1f}" for k, v in row.items()), flush=True)
+    for key in loads(args):
+        out[key] = row = measure_load(side, args, key[0], key[1] == "stream")
+        print(f"  {side.label} c={key[0]} {key[1]}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items()), flush=True)
+    return out
+
+
+def interleave(sides: list[Side], args: argparse.Namespace) -> dict[str, dict[tuple[int, str], list[dict[str, float]]]]:
+    """Every server up at once, idle but one: each round runs each load on every server in turn,
+    in an order rotated each round, so that the machine's drift (this VM's vCPUs change speed from
+    one minute to the next) falls on every side alike and each emo-serve figure is compared with
+    vLLM's from the same round. `IDLE_WAIT` between runs lets the last server's vLLM pollers,
+    which busy-loop for a second after their last message, go idle first."""
+    out: dict[str, dict[tuple[int, str], list[dict[str, float]]]] = {s.label: defaultdict(list) for s in sides}
+    for r in range(args.rounds):
+        order = sides[r % len(sides):] + sides[: r % len(sides)]
+        for key in loads(args):
+            for side in order:
+                time.sleep(IDLE_WAIT)
+                out[side.label][key].append(measure_load(side, args, key[0], key[1] == "stream"))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{s.label} {out[s.label][loads(args)[0]][-1]['tokens/s']:.0f} tok/s" for s in sides)
+            + f" (c={loads(args)[0][0]} {loads(args)[0][1]})", flush=True)
     return out
 
 
@@ -266,6 +294,39 @@ def report(results: dict[str, dict[tuple[int, str], dict[str, float]]], args: ar
             print(f"| c={key[0]} {key[1]} | {metric} | " + " | ".join(cells) + " |")
 
 
+def report_interleaved(rounds: dict[str, dict[tuple[int, str], list[dict[str, float]]]],
+                       args: argparse.Namespace) -> None:
+    labels = list(rounds)
+    ref = labels[0]
+    print()
+    print(f"model: {args.model_label}; {args.max_tokens} tokens per completion; {args.rounds} interleaved rounds, "
+          "every server up, one loaded at a time; value: median over rounds; ratio: median over rounds of "
+          f"emo-serve / {ref} in the same round (tokens/s), or of the difference (ms), with its range")
+    print("| load | metric | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for key in rounds[ref]:
+        metrics = list(dict.fromkeys(m for label in labels for row in rounds[label][key] for m in row))
+        for metric in metrics:
+            cells = []
+            for label in labels:
+                values = [row[metric] for row in rounds[label][key] if metric in row]
+                if not values:
+                    cells.append("")
+                    continue
+                value = statistics.median(values)
+                cell = f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+                refs = [row.get(metric) for row in rounds[ref][key]]
+                if label != ref and not metric.startswith("CPU") and all(v is not None for v in refs):
+                    if metric == "tokens/s":
+                        ratios = [v / b for v, b in zip(values, refs) if b]
+                        cell += f" ({statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f})"
+                    else:
+                        diffs = [v - b for v, b in zip(values, refs) if b is not None]
+                        cell += f" ({statistics.median(diffs):+.1f}, {min(diffs):+.1f} to {max(diffs):+.1f})"
+                cells.append(cell)
+            print(f"| c={key[0]} {key[1]} | {metric} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (default: the tiny preset, generated)")
@@ -274,6 +335,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8,
                     help="completions per client (above concurrency 8: this many x 8 in all)")
     ap.add_argument("--sides", nargs="+", help="only these (labels as in the table)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="interleave: every server up at once (one vLLM), this many rounds of every load on "
+                         "each in turn; ratios per round (default: one server at a time, bracketed by vLLM)")
     ap.add_argument("--json", help="write the raw numbers here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
@@ -284,6 +348,23 @@ def main() -> None:
 
             model = str(write_demo_checkpoint(work / "tiny", "tiny", seed=0))
         args.model_label = args.model or "tiny preset"
+        if args.rounds:
+            sides = [s for s in make_sides(model, work)[:-1] if not args.sides or s.label in args.sides]
+            try:
+                for side in sides:
+                    print(f"{side.label}: starting", flush=True)
+                    side.start()
+                    if side.model == SUBSET:
+                        create_subset(side)
+                rounds = interleave(sides, args)
+            finally:
+                for side in sides:
+                    side.stop()
+            report_interleaved(rounds, args)
+            if args.json:
+                Path(args.json).write_text(json.dumps({label: {f"c={k[0]} {k[1]}": v for k, v in r.items()}
+                                                       for label, r in rounds.items()}, indent=1))
+            return
         results: dict[str, dict[tuple[int, str], dict[str, float]]] = {}
         for side in make_sides(model, work):
             if args.sides and side.label not in args.sides:
