@@ -190,9 +190,8 @@ class EmoService(SubsetCatalogue):
             if self.expert_slots is not None and s.expert_slots:
                 # Slots sized by the operator: a server set up for subsets starts its engine now,
                 # so a new subset's first token costs a load only. Otherwise it starts with the
-                # first request for a subset (or a preloaded one, above): an idle engine is not free
-                # on a CPU host (its health probes and routing collections keep vLLM's workers
-                # busy-polling).
+                # first request for a subset (or a preloaded one, above): an engine nobody uses yet
+                # would hold its memory (slots, KV cache) for nothing.
                 await self.engines.load(SLOTS_ENGINE)
             # Preloaded subsets get their mask rows (and experts) as soon as the engine is up, so
             # that /ready means their first request is served at once.
