@@ -8,7 +8,7 @@ expert numbering and are put into the base's (the placement knows each engine's 
 An engine that has served nothing since its last drain is not drained: it has nothing to give,
 and the call is not free. vLLM's CPU worker busy-polls its message queue for a second after each
 message it reads, so draining an idle engine every 5 s kept a fifth of a core busy on a server
-that served nobody (measured on the demo: 6.4 CPU s in 30 idle s, against 0.5 s without capture).
+that served nobody (measured on the demo: its worker used 6.4 CPU s in 30 idle s, 0.5 s without capture).
 
 Engines count under a key naming the model *and its incarnation* (`usage.usage_key`): a subset
 deleted with counts still in an engine and made again under its name does not inherit them, as
