@@ -99,6 +99,7 @@ async def score_in_engine(lease: Lease, collector: RoutingCollector, ckpt: Check
         if r.status != 200:
             raise ProfileError(f"examples[{index}]: the engine refused the example ({r.status})", param="examples")
 
+    collector.open_profile(key)
     try:
         for index, ids in enumerate(sequences):
             async with gate:

@@ -78,7 +78,7 @@ class RoutingCollector:
         self.interval, self.save_interval = interval, save_interval
         self._catalog, self._incarnation = catalog, incarnation
         self.attached: set[str] = set()  # engine ids whose runner counts
-        self.profiles: dict[str, Tally] = {}  # engine-side profiling runs, by key
+        self.profiles: dict[str, Tally] = {}  # engine-side profiling runs under way, by key (`open_profile`)
         self.collected_at: float | None = None  # when the last collection drained the engines (epoch s)
         # engine id -> (its pid, when its last drain began, monotonic)
         self._drained: dict[str, tuple[int | None, float]] = {}
@@ -182,13 +182,21 @@ class RoutingCollector:
         task.add_done_callback(self._refreshes.discard)
         await asyncio.wait([task], timeout=wait)
 
+    def open_profile(self, key: str) -> None:
+        """An engine-side profiling run will count under `key`: book its tokens in `profiles` (the
+        run pops them) until then."""
+        self.profiles[key] = Tally.empty(self.book.experts_per_layer)
+
     def _add(self, data: dict[str, Any], local_ids: list[list[int]] | None) -> None:
         now = time.time()
         for entry in data["keys"]:
             key, user = str(entry["model"]), str(entry["user"])
             if key.startswith(PROFILE_KEY_PREFIX):
-                tally = from_engine(entry, data["layers"], data["bounds"], self.book.experts_per_layer, local_ids)
-                self.profiles.setdefault(key, Tally.empty(self.book.experts_per_layer)).add(tally)
+                # Only a run still waiting for its counts: one that failed or was cancelled may
+                # leave tokens in the engine, and nobody would ever take them out of `profiles`.
+                if key in self.profiles:
+                    self.profiles[key].add(from_engine(entry, data["layers"], data["bounds"],
+                                                       self.book.experts_per_layer, local_ids))
                 continue
             model = key_model(key)
             current = self._incarnation(model)

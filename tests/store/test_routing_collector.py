@@ -21,7 +21,7 @@ import pytest
 from emo_serve.api.routing import Incarnation, RoutingCollector
 from emo_serve.catalog import DirectoryCatalog
 from emo_serve.engines import EngineState
-from emo_serve.usage import Tally, UsageBook, UsageEncoder, usage_key
+from emo_serve.usage import PROFILE_KEY_PREFIX, Tally, UsageBook, UsageEncoder, usage_key
 
 SHAPE = [4, 0, 4]
 
@@ -276,3 +276,19 @@ def test_a_request_that_ends_within_the_grace_keeps_the_engine_drained(engine: E
 
     asyncio.run(scenario())
     assert outcomes == ["drained", "drained"] and seen(c, "base") == 2
+
+
+def test_profiling_counts_are_kept_only_while_their_run_waits_for_them(engine: Engine, tmp_path: Path) -> None:
+    """An engine-side profiling run that failed or was cancelled may leave tokens under its key in
+    the engine; they are dropped when drained, not kept for a run that will never take them."""
+    c = collector(engine, Models(base="b"), tmp_path)
+    running, ended = f"{PROFILE_KEY_PREFIX}running", f"{PROFILE_KEY_PREFIX}ended"
+    c.open_profile(running)
+
+    async def scenario() -> None:
+        engine.pending = [entry(running, n=3), entry(ended, n=5), entry(usage_key("base", "b"), "u", 1)]
+        await c.collect()
+
+    asyncio.run(scenario())
+    assert list(c.profiles) == [running] and c.profiles[running].seen == 3
+    assert seen(c, "base") == 1
