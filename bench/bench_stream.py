@@ -265,6 +265,16 @@ def create_subset(side: Side) -> None:
         raise RuntimeError(f"{side.label}: POST /v1/subsets answered {r.status_code}: {r.text[:300]}")
 
 
+def number(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def write_json(path: str, results: dict) -> None:
+    """The raw figures, loads as `c=N stream|plain` (per round, as lists, when interleaved)."""
+    Path(path).write_text(json.dumps({label: {f"c={k[0]} {k[1]}": v for k, v in r.items()}
+                                      for label, r in results.items()}, indent=1))
+
+
 def report(results: dict[str, dict[tuple[int, str], dict[str, float]]], args: argparse.Namespace) -> None:
     labels = list(results)
     base = [label for label in labels if label.startswith("vLLM")]
@@ -284,7 +294,7 @@ def report(results: dict[str, dict[tuple[int, str], dict[str, float]]], args: ar
                 if value is None:
                     cells.append("")
                     continue
-                cell = f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+                cell = number(value)
                 if ref_mean and not label.startswith("vLLM") and not metric.startswith("CPU"):
                     if metric == "tokens/s":
                         cell += f" ({value / ref_mean:.2f}x)"
@@ -314,7 +324,7 @@ def report_interleaved(rounds: dict[str, dict[tuple[int, str], list[dict[str, fl
                     cells.append("")
                     continue
                 value = statistics.median(values)
-                cell = f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+                cell = number(value)
                 refs = [row.get(metric) for row in rounds[ref][key]]
                 if label != ref and not metric.startswith("CPU") and all(v is not None for v in refs):
                     if metric == "tokens/s":
@@ -362,8 +372,7 @@ def main() -> None:
                     side.stop()
             report_interleaved(rounds, args)
             if args.json:
-                Path(args.json).write_text(json.dumps({label: {f"c={k[0]} {k[1]}": v for k, v in r.items()}
-                                                       for label, r in rounds.items()}, indent=1))
+                write_json(args.json, rounds)
             return
         results: dict[str, dict[tuple[int, str], dict[str, float]]] = {}
         for side in make_sides(model, work):
@@ -379,8 +388,7 @@ def main() -> None:
                 side.stop()
         report(results, args)
         if args.json:
-            Path(args.json).write_text(json.dumps(
-                {label: {f"c={k[0]} {k[1]}": v for k, v in r.items()} for label, r in results.items()}, indent=1))
+            write_json(args.json, results)
 
 
 if __name__ == "__main__":
